@@ -1,0 +1,146 @@
+"""Rules that span several keys, and the build of the frozen Runtime from checked values.
+
+Input is the tree schema.check_tree returns: values already converted, defaults filled in,
+bad values left out (so a check here skips what was already reported).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .runtime import (AccessLog, Address, Admin, Listener, Main, Proxy, Respond, Route, Runtime,
+                      Upstream)
+from .schema import Report, did_you_mean
+
+_MATCH_KEYS = ("name", "host", "path", "path_prefix", "methods")
+_ANY_IP = ("0.0.0.0", "::")
+
+
+def check_references(tree: dict, report: Report) -> None:
+    """Report what no single key can know: overlapping listeners, route handlers and the
+    upstreams they name, and route names that clash."""
+    _check_listeners(tree, report)
+    upstreams = tree.get("upstreams") or {}
+    first_with_name = {}
+    for index, route in enumerate(tree.get("routes") or ()):
+        if route is None:
+            continue
+        where = f"routes[{index}]"
+        _check_route(route, where, upstreams, report)
+        name = route_name(route)
+        if name is None:
+            continue
+        if name in first_with_name:
+            used_by = f"routes[{first_with_name[name]}]"
+            if route["name"] is None:
+                report(where, f"its derived name '{name}' is already used by {used_by}; "
+                              f"give one of them a 'name'")
+            else:
+                report(f"{where}.name", f"'{name}' is already used by {used_by}")
+        else:
+            first_with_name[name] = index
+
+
+def _overlap(address: Address, other: Address) -> Optional[str]:
+    """Why two listening addresses cannot both be bound, or None if they can."""
+    if address.port != other.port or (":" in address.host) != (":" in other.host):
+        return None
+    if address.host == other.host:
+        return "duplicates"
+    if address.host in _ANY_IP or other.host in _ANY_IP:
+        return "overlaps"
+    return None
+
+
+def _check_listeners(tree: dict, report: Report) -> None:
+    bound = []
+    for index, listener in enumerate(tree.get("listen") or ()):
+        address = (listener or {}).get("address")
+        if address is None:
+            continue
+        for other_index, other in bound:
+            clash = _overlap(address, other)
+            if clash:
+                report(f"listen[{index}].address", f"{address} {clash} listen[{other_index}].address ({other})")
+                break
+        bound.append((index, address))
+    admin = (tree.get("admin") or {}).get("listen")
+    for other_index, other in bound if admin else ():
+        clash = _overlap(admin, other)
+        if clash:
+            report("admin.listen", f"{admin} {clash} listen[{other_index}].address ({other})")
+            break
+
+
+def _check_route(route: dict, where: str, upstreams: dict, report: Report) -> None:
+    if route.get("path") is not None and route.get("path_prefix") is not None:
+        report(where, "set at most one of 'path' and 'path_prefix'")
+    if "upstream" in route and "respond" in route:
+        handlers = [key for key in ("upstream", "respond") if route[key] is not None]
+        if len(handlers) != 1:
+            report(where, "set exactly one of 'upstream' and 'respond'" + (" (both are set)" if handlers else ""))
+    upstream = route.get("upstream")
+    if upstream is not None and upstream not in upstreams:
+        known = did_you_mean(upstream, upstreams) or (
+            f" (defined: {', '.join(sorted(upstreams))})" if upstreams else " (no [upstreams.NAME] is defined)")
+        report(f"{where}.upstream", f"unknown upstream '{upstream}'{known}")
+    respond = route.get("respond")
+    if respond and respond["body"] and (respond["status"] < 200 or respond["status"] in (204, 304)):
+        report(f"{where}.respond.body", f"a {respond['status']} response cannot have a body")
+
+
+def route_name(route: dict) -> Optional[str]:
+    """The route's name: its own, or one derived from what it matches ("GET example.com/api/*").
+    None when a key it depends on was bad (that problem is already reported)."""
+    if any(key not in route for key in _MATCH_KEYS):
+        return None
+    if route["name"] is not None:
+        return route["name"]
+    name = route["path"] or (route["path_prefix"] or "/") + "*"
+    if route["host"]:
+        name = ",".join(dict.fromkeys(route["host"])) + name
+    if route["methods"]:
+        name = ",".join(dict.fromkeys(route["methods"])) + " " + name
+    return name
+
+
+def _file(path: Optional[str], base: str, *special: str) -> Optional[str]:
+    """A file path made absolute against the config file's directory, so it means the same
+    whatever directory the master runs in."""
+    return path if path is None or path in special else os.path.join(base, path)
+
+
+def _ascii(text: Optional[str]) -> Optional[bytes]:
+    return None if text is None else text.encode("ascii")
+
+
+def build_runtime(tree: dict, source: str) -> Runtime:
+    """The Runtime of a tree in which check_tree and check_references found nothing wrong."""
+    source = os.path.abspath(source)
+    base = os.path.dirname(source)
+    main, log, admin = tree["main"], tree["access_log"], tree["admin"]
+    routes = tuple(Route(
+        name=route_name(route),
+        hosts=tuple(dict.fromkeys(host.encode("ascii") for host in route["host"] or ())),
+        path=_ascii(route["path"]),
+        path_prefix=_ascii(route["path_prefix"]),
+        methods=tuple(dict.fromkeys(method.encode("ascii") for method in route["methods"] or ())),
+        handler=Proxy(route["upstream"]) if route["upstream"] is not None else Respond(
+            status=route["respond"]["status"],
+            body=route["respond"]["body"].encode(),
+            headers=tuple((name.encode("ascii"), value.encode()) for name, value in route["respond"]["headers"])),
+        max_body_size=main["max_body_size"] if route["max_body_size"] is None else route["max_body_size"],
+        max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
+    ) for route in tree["routes"])
+    return Runtime(
+        source=source,
+        main=Main(**{**main, "pid_file": _file(main["pid_file"], base),
+                     "error_log": _file(main["error_log"], base, "stderr"),
+                     "server_header": main["server_header"].encode()}),
+        access_log=AccessLog(path=_file(log["path"], base, "stdout", "off"), format=log["format"],
+                             buffer_size=log["buffer"], flush_interval=log["flush"]),
+        admin=Admin(admin["listen"]) if admin else None,
+        listeners=tuple(Listener(listener["address"], listener["backlog"]) for listener in tree["listen"]),
+        upstreams=tuple(Upstream(name=name, **upstream) for name, upstream in tree["upstreams"].items()),
+        routes=routes,
+    )
