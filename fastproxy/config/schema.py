@@ -48,7 +48,7 @@ def toml_literal(value) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string for everything a default uses
     if isinstance(value, dict):
-        return "{}" if not value else "{ ... }"
+        return "{ " + ", ".join(f"{quote_key(k)} = {toml_literal(v)}" for k, v in value.items()) + " }" if value else "{}"
     return str(value)
 
 
