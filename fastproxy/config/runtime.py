@@ -1,0 +1,107 @@
+"""The compiled configuration: frozen objects built once per (re)load by the master.
+
+Only these objects cross into workers (inherited at fork). Strings the hot path
+compares or writes are pre-encoded to bytes here, durations are float seconds and
+sizes are int bytes, so the core never parses or converts anything per request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str  # "127.0.0.1", "::1", "0.0.0.0"
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: Address
+    backlog: int = 511
+
+
+@dataclass(frozen=True)
+class AccessLog:
+    path: str  # a file path, "stdout" or "off"
+    format: str  # "combined" or "json"
+    buffer_size: int  # bytes buffered before a write
+    flush_interval: float  # seconds; buffered lines never wait longer than this
+
+
+@dataclass(frozen=True)
+class Main:
+    workers: int  # "auto" is resolved to the CPU count at compile time
+    pid_file: Optional[str]
+    shutdown_timeout: float
+    error_log: str  # a file path or "stderr"
+    log_level: str  # "debug" | "info" | "warning" | "error"
+    max_body_size: int  # 0 = no limit
+    max_header_size: int
+    max_uri_size: int
+    client_header_timeout: float
+    client_body_timeout: float
+    keepalive_timeout: float
+    keepalive_requests: int
+    send_timeout: float
+    server_header: bytes  # value of the Server header we send
+    pass_server_header: bool  # True: keep the upstream's Server header instead
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    servers: Tuple[Address, ...]
+    keepalive: int  # idle connections each worker keeps for this upstream
+    keepalive_timeout: float  # an idle pooled connection is closed after this
+    connect_timeout: float
+    read_timeout: float
+    send_timeout: float
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """Route handler: forward to an upstream."""
+    upstream: str
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Route handler: answer locally with a fixed response."""
+    status: int
+    body: bytes
+    headers: Tuple[Tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # label in metrics and logs
+    hosts: Tuple[bytes, ...]  # lower-case, no port; "*.example.com" matches subdomains; () = any
+    path: Optional[bytes]  # exact match
+    path_prefix: Optional[bytes]
+    methods: Tuple[bytes, ...]  # upper-case; () = any
+    handler: Union[Proxy, Respond]
+    max_body_size: int
+    max_header_size: int
+    # Filters by phase, in run order; empty tuples today (see fastproxy/filters).
+    phases: Tuple[Tuple[object, ...], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Admin:
+    listen: Address
+
+
+@dataclass(frozen=True)
+class Runtime:
+    source: str  # path of the config file this was compiled from
+    main: Main
+    access_log: AccessLog
+    admin: Optional[Admin]
+    listeners: Tuple[Listener, ...]
+    upstreams: Tuple[Upstream, ...]
+    routes: Tuple[Route, ...]  # in config order; the router ranks them
