@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of fastproxy against nginx and HAProxy (see docs/benchmarks.md)."""

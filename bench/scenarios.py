@@ -1,0 +1,51 @@
+"""The benchmark scenarios, as data.
+
+A scenario says what wrk sends (path, Lua script, extra headers, connections) and
+which targets the default run measures it on. The runner knows nothing else about them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+ALL_TARGETS = ("direct", "fastproxy-1w", "fastproxy-2w", "nginx-1w", "nginx-2w",
+               "haproxy-1t", "haproxy-2t")
+# The floor of the issue is judged on one worker each; the other scenarios run on these
+# to keep the default set under ten minutes.
+ONE_WORKER = ("direct", "fastproxy-1w", "nginx-1w", "haproxy-1t")
+RELOADABLE = ("fastproxy-1w", "nginx-1w", "haproxy-1t")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    path: str
+    connections: int = 64
+    script: Optional[str] = None  # file in bench/lua/ defining the request
+    headers: Tuple[str, ...] = ()  # extra "Name: value" headers on every request
+    unit: str = "req/s"  # headline figure: "req/s", or "MB/s" for large bodies
+    targets: Tuple[str, ...] = ONE_WORKER  # measured by default
+    reload_every: float = 0.0  # seconds between reloads of the target during the run
+
+
+SCENARIOS = (
+    Scenario("get-100b", "GET 100 B, keep-alive, 64 connections", "/100b",
+             targets=ALL_TARGETS),
+    Scenario("get-16k", "GET 16 KiB, keep-alive, 64 connections", "/16k",
+             targets=ALL_TARGETS),
+    Scenario("get-1m", "GET 1 MiB, keep-alive, 64 connections", "/1m",
+             unit="MB/s"),
+    Scenario("post-64k", "POST 64 KiB body, keep-alive, 64 connections", "/post",
+             script="post.lua"),
+    Scenario("new-conn", "GET 100 B, a new connection per request, 64 connections", "/100b",
+             headers=("Connection: close",)),
+    Scenario("c2000", "GET 100 B, 2000 concurrent keep-alive connections", "/100b",
+             connections=2000),
+    Scenario("chunked", "GET ~16 KiB sent chunked by the origin, keep-alive, 64 connections",
+             "/chunked"),
+    Scenario("reload", "GET 100 B, keep-alive, 64 connections, target reloaded every second",
+             "/100b", targets=RELOADABLE, reload_every=1.0),
+)
+
+BY_NAME = {s.name: s for s in SCENARIOS}

@@ -1,0 +1,320 @@
+"""The origin and the targets under test, each a process tree in its own session and temp dir.
+
+Every server runs in the foreground in a new session, so stop() can signal its whole
+process group (workers, reload generations) and nothing outlives the runner.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from bench.measure import tree_pids
+
+HERE = Path(__file__).parent
+# Idle connections each proxy worker keeps to the origin: more than any scenario needs
+# at once, so no target closes upstream connections under load (c2000 included).
+UPSTREAM_KEEPALIVE = 1024
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 8.0
+
+# The fair layout on 2 cores: origin and wrk share CPU 0, a one-worker proxy owns CPU 1.
+PINNED = (os.cpu_count() or 1) >= 2
+LOAD_CPU = "0" if PINNED else None
+PROXY_CPU = "1" if PINNED else None
+
+_running: List["Server"] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(template: str, **values) -> str:
+    """Fill {{name}} placeholders (nginx configs are full of $ and braces)."""
+    def sub(m):
+        return str(values[m.group(1)])
+    return re.sub(r"\{\{(\w+)\}\}", sub, (HERE / template).read_text())
+
+
+def http_get(port: int, path: str, timeout: float = 2.0):
+    """(status, headers, body) of one GET on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """One started process tree; stop() sends SIGTERM to its process group, then SIGKILL."""
+
+    def __init__(self, name: str, argv: List[str], workdir: Path, cpu: Optional[str],
+                 env: Optional[Dict[str, str]] = None):
+        if cpu is not None:
+            argv = ["taskset", "-c", cpu] + argv
+        self.name = name
+        self.workdir = workdir
+        self._out = open(workdir / "output.log", "wb")
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL,
+                                     stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
+        _running.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, port: int, path: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   + self.output_tail())
+            try:
+                if http_get(port, path, timeout=1.0)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT:g} s:\n"
+                                   + self.output_tail())
+            time.sleep(0.1)
+
+    def output_tail(self) -> str:
+        self._out.flush()
+        text = ""
+        for log in sorted(self.workdir.glob("*.log")):
+            text += f"--- {log.name}\n" + log.read_text(errors="replace")[-2000:]
+        return text
+
+    def stop(self) -> None:
+        pgid = self.proc.pid  # leader of its own session
+        if self.proc.poll() is None:
+            self._signal_group(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        # Workers of a reload generation may outlive the leader: none may stay.
+        self._signal_group(pgid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(STOP_TIMEOUT)
+        self._out.close()
+        if self in _running:
+            _running.remove(self)
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_all() -> None:
+    """Stop every server still running (called on exit, error or interrupt)."""
+    for server in list(_running):
+        server.stop()
+
+
+class Workdir:
+    """A temp dir for one server; removed when the server stops unless kept."""
+
+    def __init__(self, name: str, keep: bool):
+        self.path = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        self.keep = keep
+
+    def remove(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Origin:
+    """nginx, one worker on the load CPU, serving the files the scenarios fetch."""
+
+    FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20}
+
+    def __init__(self, keep: bool = False):
+        self.dir = Workdir("origin", keep)
+        self.port = free_port()
+        self.server: Optional[Server] = None
+
+    def start(self) -> None:
+        d = self.dir.path
+        www = d / "www"
+        www.mkdir()
+        (d / "client_body").mkdir()
+        for name, size in self.FILES.items():
+            (www / name).write_bytes(b"x" * size)
+        # Text around an SSI command: nginx streams it with Transfer-Encoding: chunked.
+        (www / "chunked.html").write_text(("c" * 1023 + "\n") * 8 + '<!--# echo var="uri" -->\n'
+                                          + ("k" * 1023 + "\n") * 8)
+        conf = d / "nginx.conf"
+        conf.write_text(render("origin/nginx.conf", dir=d, port=self.port))
+        self.server = Server("origin", ["nginx", "-p", str(d), "-c", str(conf)], d, LOAD_CPU)
+        self.server.wait_ready(self.port, "/100b")
+        status, headers, _ = http_get(self.port, "/chunked")
+        if status != 200 or headers.get("transfer-encoding") != "chunked":
+            raise RuntimeError(f"origin /chunked is not chunked: {status} {headers}")
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+        self.dir.remove()
+
+
+class Target:
+    """Something wrk can load. Subclasses start a proxy in front of the origin."""
+
+    name = ""
+    workers = 1
+    baseline: Optional[str] = None  # the nginx target this one is compared with
+
+    def __init__(self, origin: Origin, access_log: bool, keep: bool):
+        self.origin = origin
+        self.access_log = access_log
+        self.keep = keep
+        self.port = origin.port
+        self.server: Optional[Server] = None
+        self.dir: Optional[Workdir] = None
+
+    @property
+    def pinned(self) -> bool:
+        return PINNED and self.workers == 1
+
+    @property
+    def layout(self) -> str:
+        if self.server is None:
+            return "origin only"
+        return f"pinned to CPU {PROXY_CPU}" if self.pinned else "unpinned"
+
+    @property
+    def pid(self) -> Optional[int]:
+        """Root of the process tree whose CPU and memory count as this target's."""
+        return self.server.pid if self.server else None
+
+    def start(self) -> None:
+        pass
+
+    def _launch(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
+        self.server = Server(self.name, argv, self.dir.path, PROXY_CPU if self.pinned else None,
+                             env)
+        self.server.wait_ready(self.port, "/100b")
+
+    def reload(self) -> None:
+        raise NotImplementedError(f"{self.name} cannot reload")
+
+    def worker_pids(self) -> List[int]:
+        return tree_pids(self.pid)[1:] if self.pid else []
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+        if self.dir:
+            self.dir.remove()
+
+
+class Direct(Target):
+    name = "direct"
+
+
+class Nginx(Target):
+    def __init__(self, workers: int, *args):
+        super().__init__(*args)
+        self.workers = workers
+        self.name = self.baseline = f"nginx-{workers}w"
+
+    def start(self) -> None:
+        self.dir = Workdir(self.name, self.keep)
+        d = self.dir.path
+        for sub in ("client_body", "proxy_temp"):
+            (d / sub).mkdir()
+        self.port = free_port()
+        log = (f"access_log {d}/access.log combined buffer=64k flush=1s;" if self.access_log
+               else "access_log off;")
+        self.conf = d / "nginx.conf"
+        self.conf.write_text(render("configs/nginx.conf", dir=d, port=self.port,
+                                    workers=self.workers, origin_port=self.origin.port,
+                                    keepalive=UPSTREAM_KEEPALIVE, access_log=log))
+        self._launch(["nginx", "-p", str(d), "-c", str(self.conf)])
+
+    def reload(self) -> None:
+        subprocess.run(["nginx", "-p", str(self.dir.path), "-c", str(self.conf), "-s", "reload"],
+                       check=True, timeout=5, capture_output=True)
+
+
+class HAProxy(Target):
+    def __init__(self, threads: int, *args):
+        super().__init__(*args)
+        self.workers = threads
+        self.name = f"haproxy-{threads}t"
+        self.baseline = f"nginx-{threads}w"
+
+    def start(self) -> None:
+        self.dir = Workdir(self.name, self.keep)
+        d = self.dir.path
+        self.port = free_port()
+        # HAProxy logs to stdout (our output.log) when the access log is on.
+        global_log = "    log stdout format raw local0" if self.access_log else ""
+        defaults_log = "    log global\n    option httplog" if self.access_log else ""
+        conf = d / "haproxy.cfg"
+        conf.write_text(render("configs/haproxy.cfg", dir=d, port=self.port,
+                               threads=self.workers, origin_port=self.origin.port,
+                               keepalive=UPSTREAM_KEEPALIVE, global_log=global_log,
+                               defaults_log=defaults_log))
+        self._launch(["haproxy", "-W", "-f", str(conf)])
+
+    def reload(self) -> None:
+        os.kill(self.server.pid, signal.SIGUSR2)
+
+
+class FastProxy(Target):
+    def __init__(self, workers: int, *args):
+        super().__init__(*args)
+        self.workers = workers
+        self.name = f"fastproxy-{workers}w"
+        self.baseline = f"nginx-{workers}w"
+
+    def start(self) -> None:
+        self.dir = Workdir(self.name, self.keep)
+        d = self.dir.path
+        self.port = free_port()
+        conf = d / "fastproxy.toml"
+        conf.write_text(render("configs/fastproxy.toml", dir=d, port=self.port,
+                               workers=self.workers, origin_port=self.origin.port,
+                               keepalive=UPSTREAM_KEEPALIVE,
+                               access_log=d / "access.log" if self.access_log else "off"))
+        # The checkout this bench lives in is the fastproxy measured.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent),
+                                                          env.get("PYTHONPATH")]))
+        self._launch([sys.executable, "-m", "fastproxy", "-c", str(conf)], env)
+
+    def reload(self) -> None:
+        os.kill(self.server.pid, signal.SIGHUP)
+
+
+def make_targets(names, origin: Origin, access_log: bool, keep: bool) -> Dict[str, Target]:
+    kinds = {"direct": lambda: Direct(origin, access_log, keep)}
+    for n in (1, 2):
+        kinds[f"fastproxy-{n}w"] = lambda n=n: FastProxy(n, origin, access_log, keep)
+        kinds[f"nginx-{n}w"] = lambda n=n: Nginx(n, origin, access_log, keep)
+        kinds[f"haproxy-{n}t"] = lambda n=n: HAProxy(n, origin, access_log, keep)
+    unknown = [n for n in names if n not in kinds]
+    if unknown:
+        raise SystemExit(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(kinds)}")
+    return {n: kinds[n]() for n in names}
