@@ -79,3 +79,10 @@ def module_proxy_factory(tmp_path_factory):
             errors.append(str(e))
     if errors:
         pytest.fail("\n\n".join(errors), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def module_origin():
+    """An echoing origin shared by every test of a module."""
+    with Origin("module-origin") as o:
+        yield o

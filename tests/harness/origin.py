@@ -14,7 +14,8 @@ proxy forwards "/api/echo" unchanged, the origin only looks at "echo"):
     reset            reads the request and resets the connection (SO_LINGER 0)
     ws               websocket handshake, a "hello" text frame, then echo of every frame
 
-Extra behaviours are registered per test in `Origin.handlers[name] = fn(conn, req)`.
+Extra behaviours are registered per test in `Origin.handlers[name] = fn(conn, req)`;
+a handler with a true `reads_body` attribute reads the request body itself.
 Bodies are never buffered whole: the origin keeps the first 64 KiB, the length and
 a CRC-32 of what it received, so 1 GiB uploads cost nothing.
 """
@@ -314,12 +315,12 @@ class Origin:
                 if "100-continue" in (req.header("expect") or "").lower():
                     conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 name = req.path.rsplit("/", 1)[-1]
-                if name != "ws":
+                handler = self.handlers.get(name) or getattr(self, "_h_" + name, self._h_echo)
+                if not getattr(handler, "reads_body", False):
                     conn.read_body(req)
                 with self._cond:
                     self.requests.append(req)
                     self._cond.notify_all()
-                handler = self.handlers.get(name) or getattr(self, "_h_" + name, self._h_echo)
                 handler(conn, req)
                 if self.close_after_response:
                     return
@@ -489,3 +490,6 @@ class Blackhole:
         for s in self.fillers:
             s.close()
         self.listener.close()
+
+
+Origin._h_ws.reads_body = True  # after the 101 the connection is a tunnel, not a body

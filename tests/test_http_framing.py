@@ -1,0 +1,206 @@
+"""HTTP/1.1 message framing through the proxy, over raw sockets.
+
+The request corpus (tests/requests/{valid,invalid}) is fed whole, byte by byte and
+in random splits; the rest checks keep-alive, HTTP/1.0, pipelining, re-framing of
+Content-Length / chunked / close-delimited bodies, bodiless responses and
+`Expect: 100-continue`.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+
+from harness import corpus
+from harness.client import RawClient, build_request, chunked, fetch
+from harness.origin import pattern_bytes, pattern_crc
+from harness.proxy import upstream
+
+MODES = ("whole", "bytewise", "random")
+
+
+@pytest.fixture(scope="module")
+def proxy(module_proxy_factory, module_origin):
+    return module_proxy_factory({
+        "main": {"workers": 1, "max_body_size": "16m", "max_header_size": "8k"},
+        "upstreams": {"origin": upstream(module_origin)},
+        "routes": [{"name": "all", "path_prefix": "/", "upstream": "origin"}],
+    })
+
+
+def assert_usable(client: RawClient) -> None:
+    """The connection still carries a normal request."""
+    r = client.request("GET", "/echo?still-open")
+    assert r.status == 200, r
+    assert r.json()["target"] == "/echo?still-open"
+
+
+def assert_error_body(r, status: int) -> None:
+    assert r.status == status, r
+    body = r.json()
+    assert body["status"] == status, body
+    assert body["request_id"] and body["request_id"] == r.header("x-request-id"), (body, r.headers)
+
+
+# -- corpus ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", corpus.load("valid"), ids=lambda c: c.name)
+def test_valid_corpus(proxy, case, mode):
+    with RawClient(proxy.port) as c:
+        assert c.send(case.raw, mode, random.Random(case.name)), "proxy answered before the request was complete"
+        for i, want in enumerate(case.responses):
+            r = c.read_response()
+            assert r.status == want["status"], (case.expect["description"], i, r)
+            echo = r.json()
+            for key in ("method", "target", "body"):
+                if key in want:
+                    assert echo[key] == want[key], (case.expect["description"], i, key, echo)
+        if case.expect["close"]:
+            assert c.is_closed(), "connection should be closed after the response"
+        else:
+            assert_usable(c)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", corpus.load("invalid"), ids=lambda c: c.name)
+def test_invalid_corpus(proxy, case, mode):
+    with RawClient(proxy.port) as c:
+        c.send(case.raw, mode, random.Random(case.name))
+        r = c.read_response()
+        assert r.status == case.responses[0]["status"], (case.expect["description"], r)
+        assert_error_body(r, r.status)
+        assert c.is_closed(), "connection should be closed after a 400"
+    # the worker lives on
+    assert fetch(proxy.port, "GET", "/echo").status == 200
+
+
+# -- keep-alive and HTTP/1.0 -------------------------------------------------------------
+def test_keepalive_reuses_connections(proxy, module_origin):
+    before = module_origin.connections
+    with RawClient(proxy.port) as c:
+        for i in range(30):
+            r = c.request("GET", f"/echo?i={i}")
+            assert r.status == 200 and r.json()["target"] == f"/echo?i={i}", r
+            assert not r.has_token("connection", "close"), r
+    opened = module_origin.connections - before
+    assert opened < 30, f"upstream saw {opened} new connections for 30 requests: no upstream keep-alive"
+
+
+def test_http10_without_keepalive_is_closed(proxy):
+    with RawClient(proxy.port) as c:
+        c.send(b"GET /echo HTTP/1.0\r\n\r\n")
+        r = c.read_response()
+        assert r.status == 200 and r.json()["method"] == "GET", r
+        assert r.framing != "chunked", "chunked sent to an HTTP/1.0 client"
+        assert c.is_closed()
+
+
+def test_http10_keepalive(proxy):
+    with RawClient(proxy.port) as c:
+        for i in range(3):
+            c.send(build_request("GET", f"/echo?i={i}", [("Connection", "keep-alive")], version="HTTP/1.0"))
+            r = c.read_response()
+            assert r.status == 200 and r.json()["target"] == f"/echo?i={i}", r
+            assert r.framing == "length", f"an HTTP/1.0 keep-alive response needs Content-Length: {r!r}"
+            assert r.has_token("connection", "keep-alive"), r
+
+
+def test_http10_client_gets_chunked_upstream_body_unchunked(proxy):
+    n = 200_000
+    with RawClient(proxy.port) as c:
+        c.send(build_request("GET", f"/bytes?n={n}&te=chunked&chunk=7000", version="HTTP/1.0"))
+        r = c.read_response()
+        assert r.status == 200
+        assert r.framing != "chunked", "chunked sent to an HTTP/1.0 client"
+        assert len(r.body) == n and zlib.crc32(r.body) == pattern_crc(n)
+
+
+# -- pipelining --------------------------------------------------------------------------
+def test_pipelined_requests_answered_in_order(proxy):
+    reqs = [build_request("GET", "/slow?delay=1&i=0"),
+            build_request("GET", "/echo?i=1"),
+            build_request("POST", "/echo?i=2", body=b"x" * 5000),
+            build_request("HEAD", "/bytes?n=10&i=3"),
+            build_request("GET", "/bytes?n=100000&te=chunked&i=4"),
+            build_request("GET", "/echo?i=5")]
+    methods = ["GET", "GET", "POST", "HEAD", "GET", "GET"]
+    with RawClient(proxy.port) as c:
+        c.send(b"".join(reqs))
+        got = [c.read_response(m) for m in methods]
+    assert [r.status for r in got] == [200] * 6, got
+    assert got[0].json()["target"] == "/slow?delay=1&i=0"
+    assert got[1].json()["target"] == "/echo?i=1"
+    assert got[2].json()["target"] == "/echo?i=2" and got[2].json()["body_len"] == 5000
+    assert got[3].body == b""
+    assert got[4].body == pattern_bytes(100000)
+    assert got[5].json()["target"] == "/echo?i=5"
+
+
+# -- bodies both ways --------------------------------------------------------------------
+def test_request_content_length_body(proxy):
+    body = pattern_bytes(3_000_000)
+    with RawClient(proxy.port) as c:
+        r = c.request("POST", "/echo", body=body)
+    echo = r.json()
+    assert echo["body_len"] == len(body) and echo["body_crc"] == zlib.crc32(body), echo
+
+
+def test_request_chunked_body(proxy):
+    rng = random.Random(7)
+    data = pattern_bytes(700_000)
+    pieces, i = [], 0
+    while i < len(data):
+        n = rng.randint(1, 40_000)
+        pieces.append(data[i:i + n])
+        i += n
+    with RawClient(proxy.port) as c:
+        c.send(build_request("POST", "/echo", [("Transfer-Encoding", "chunked")], chunked(*pieces)), "random", rng)
+        r = c.read_response()
+        echo = r.json()
+        assert echo["body_len"] == len(data) and echo["body_crc"] == zlib.crc32(data), echo
+        assert_usable(c)
+
+
+@pytest.mark.parametrize("te", ["length", "chunked", "close"])
+def test_response_body_framings(proxy, te):
+    n = 1_500_003
+    with RawClient(proxy.port) as c:
+        r = c.request("GET", f"/bytes?n={n}&te={te}&chunk=65536")
+        assert r.status == 200
+        assert len(r.body) == n and zlib.crc32(r.body) == pattern_crc(n), (te, len(r.body))
+        if r.framing != "close":
+            assert_usable(c)
+
+
+def test_head_response_has_no_body(proxy):
+    with RawClient(proxy.port) as c:
+        c.send(build_request("HEAD", "/bytes?n=12345") + build_request("GET", "/echo?after-head"))
+        head = c.read_response("HEAD")
+        assert head.status == 200 and head.body == b""
+        assert head.header("content-length") in (None, "12345"), head
+        r = c.read_response()
+        assert r.status == 200 and r.json()["target"] == "/echo?after-head", r
+
+
+@pytest.mark.parametrize("code,extra", [(204, ""), (304, ""), (304, "&cl=50")])
+def test_bodiless_statuses(proxy, code, extra):
+    with RawClient(proxy.port) as c:
+        c.send(build_request("GET", f"/status?code={code}{extra}") + build_request("GET", "/echo?after"))
+        r = c.read_response()
+        assert r.status == code and r.body == b"", r
+        assert not r.header_all("transfer-encoding"), r
+        nxt = c.read_response()
+        assert nxt.status == 200 and nxt.json()["target"] == "/echo?after", nxt
+
+
+def test_expect_100_continue(proxy):
+    body = b"payload after 100"
+    with RawClient(proxy.port) as c:
+        c.send(build_request("POST", "/echo", [("Expect", "100-continue"), ("Content-Length", str(len(body)))]))
+        interim = c.read_head(stop_at_interim=True)
+        assert interim.status == 100, interim
+        c.send(body)
+        r = c.read_response()
+        assert r.status == 200 and r.json()["body"] == body.decode(), r
+        assert_usable(c)

@@ -1,0 +1,186 @@
+"""Proxying basics: forwarding, header rewriting, routing and local responses."""
+from __future__ import annotations
+
+import pytest
+
+from harness.client import RawClient, build_request, fetch
+from harness.origin import Origin
+from harness.proxy import respond, upstream
+
+
+@pytest.fixture(scope="module")
+def origin_b():
+    with Origin("origin-b") as o:
+        yield o
+
+
+@pytest.fixture(scope="module")
+def proxy(module_proxy_factory, module_origin, origin_b):
+    text = {"Content-Type": "text/plain"}
+    return module_proxy_factory({
+        "main": {"workers": 1},
+        "upstreams": {"a": upstream(module_origin), "b": upstream(origin_b)},
+        "routes": [
+            {"name": "api", "path_prefix": "/api/", "upstream": "a"},
+            {"name": "api_v2", "path_prefix": "/api/v2/", "upstream": "b"},
+            {"name": "exact", "path": "/api/exact", "respond": respond(200, "exact\n", text)},
+            {"name": "hosted", "host": "example.test", "path_prefix": "/api/", "respond": respond(200, "host\n", text)},
+            {"name": "only_post", "path": "/only-post", "methods": ["POST", "PUT"],
+             "respond": respond(201, "posted\n", text)},
+            {"name": "m_get", "path_prefix": "/m/", "methods": ["GET"], "respond": respond(200, "m-get\n", text)},
+            {"name": "m_any", "path_prefix": "/m/", "respond": respond(200, "m-any\n", text)},
+            {"name": "teapot", "path": "/teapot",
+             "respond": respond(418, "short and stout\n", {"Content-Type": "text/plain", "X-Local": "yes"})},
+        ],
+    })
+
+
+def echo(proxy, target="/api/echo", headers=(), method="GET", body=b"", host="test.local"):
+    r = fetch(proxy.port, method, target, list(headers), body, host=host)
+    assert r.status == 200, r
+    return r, r.json()
+
+
+# -- forwarding ----------------------------------------------------------------------------
+def test_get_is_forwarded(proxy, module_origin):
+    r, e = echo(proxy, "/api/echo?q=1", [("X-Custom", "v")])
+    assert e["origin"] == "module-origin"
+    assert e["method"] == "GET" and e["target"] == "/api/echo?q=1"
+    assert ["X-Custom", "v"] in e["headers"]
+    assert r.header("x-origin") == "module-origin"
+
+
+def test_post_is_forwarded(proxy):
+    body = b"field=value&other=" + b"z" * 20000
+    _, e = echo(proxy, "/api/echo", [("Content-Type", "application/x-www-form-urlencoded")], "POST", body)
+    assert e["method"] == "POST" and e["body_len"] == len(body) and e["body"] == body.decode()
+
+
+# -- headers -----------------------------------------------------------------------------
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade")
+
+
+def test_hop_by_hop_request_headers_removed(proxy):
+    _, e = echo(proxy, headers=[
+        ("Connection", "keep-alive, X-Named-Hop"), ("X-Named-Hop", "secret"), ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"), ("TE", "trailers"), ("Trailer", "X-T"), ("Upgrade", "foo/2"),
+        ("X-End-To-End", "kept")])
+    seen = {k.lower(): v for k, v in e["headers"]}
+    assert "x-named-hop" not in seen, e["headers"]
+    for name in ("keep-alive", "proxy-connection", "te", "trailer", "upgrade"):
+        assert name not in seen, (name, e["headers"])
+    assert "x-named-hop" not in seen.get("connection", "").lower()
+    assert seen.get("x-end-to-end") == "kept"
+
+
+def test_hop_by_hop_response_headers_removed(proxy):
+    r = fetch(proxy.port, "GET", "/api/hop")
+    assert r.status == 200 and r.body == b"hop\n", r
+    names = {k.lower() for k, _ in r.headers}
+    assert "x-hop-named" not in names, r.headers
+    for name in ("keep-alive", "proxy-connection", "trailer", "upgrade"):
+        assert name not in names, (name, r.headers)
+    assert all("x-hop-named" not in v.lower() for v in r.header_all("connection")), r.headers
+    assert r.header("x-end-to-end") == "kept"
+
+
+def test_x_forwarded_headers_added(proxy):
+    _, e = echo(proxy, host="front.example:8080")
+    seen = {k.lower(): v for k, v in e["headers"]}
+    assert seen.get("x-forwarded-for") == "127.0.0.1", e["headers"]
+    assert seen.get("x-forwarded-proto") == "http", e["headers"]
+    assert seen.get("x-forwarded-host") == "front.example:8080", e["headers"]
+
+
+def test_x_forwarded_for_is_appended(proxy):
+    _, e = echo(proxy, headers=[("X-Forwarded-For", "203.0.113.7")])
+    xff = [v for k, v in e["headers"] if k.lower() == "x-forwarded-for"]
+    assert ", ".join(xff).replace(" ", "") == "203.0.113.7,127.0.0.1", e["headers"]
+
+
+def test_request_id_kept_when_sent(proxy):
+    r, e = echo(proxy, headers=[("X-Request-ID", "client-chosen-42")])
+    assert [v for k, v in e["headers"] if k.lower() == "x-request-id"] == ["client-chosen-42"]
+    assert r.header_all("x-request-id") == ["client-chosen-42"], r.headers
+
+
+def test_request_id_generated_and_returned(proxy):
+    ids = set()
+    for _ in range(3):
+        r, e = echo(proxy)
+        upstream_ids = [v for k, v in e["headers"] if k.lower() == "x-request-id"]
+        assert len(upstream_ids) == 1 and upstream_ids[0], e["headers"]
+        assert r.header_all("x-request-id") == upstream_ids, (r.headers, upstream_ids)
+        ids.add(upstream_ids[0])
+    assert len(ids) == 3, f"request ids repeat: {ids}"
+
+
+def test_upstream_server_header_replaced(proxy):
+    r, _ = echo(proxy)
+    assert r.header_all("server") == ["fastproxy"], r.headers
+
+
+def test_local_response_has_server_and_request_id(proxy):
+    r = fetch(proxy.port, "GET", "/teapot")
+    assert r.header_all("server") == ["fastproxy"], r.headers
+    assert r.header("x-request-id"), r.headers
+
+
+# -- routing -----------------------------------------------------------------------------
+@pytest.mark.parametrize("method,target,host,want", [
+    ("GET", "/api/x", "test.local", "origin:module-origin"),
+    ("GET", "/api/v2/x", "test.local", "origin:origin-b"),        # longer prefix wins
+    ("GET", "/api/v2", "test.local", "origin:module-origin"),     # "/api/v2" does not start with "/api/v2/"
+    ("GET", "/api/exact", "test.local", "exact\n"),               # exact path beats prefix
+    ("GET", "/api/exact?q=1", "test.local", "exact\n"),           # the query is not part of the path
+    ("GET", "/api/exact/more", "test.local", "origin:module-origin"),
+    ("GET", "/api/exact", "example.test", "host\n"),              # a route with a host beats one without
+    ("GET", "/api/v2/x", "EXAMPLE.test:8080", "host\n"),          # host match ignores case and port
+    ("GET", "/m/x", "test.local", "m-get\n"),                     # with methods beats without
+    ("DELETE", "/m/x", "test.local", "m-any\n"),
+    ("POST", "/only-post", "test.local", "posted\n"),
+    ("PUT", "/only-post", "test.local", "posted\n"),
+])
+def test_routing_specificity(proxy, method, target, host, want):
+    r = fetch(proxy.port, method, target, host=host)
+    assert r.status in (200, 201), r
+    got = f"origin:{r.json()['origin']}" if want.startswith("origin:") else r.body.decode()
+    assert got == want, r
+
+
+def test_method_mismatch_is_405_with_allow(proxy):
+    r = fetch(proxy.port, "GET", "/only-post")
+    assert r.status == 405, r
+    allowed = {m.strip() for v in r.header_all("allow") for m in v.split(",")}
+    assert allowed == {"POST", "PUT"}, r.headers
+    assert r.json()["status"] == 405
+
+
+def test_no_route_is_404_json(proxy):
+    r = fetch(proxy.port, "GET", "/nothing/here")
+    assert r.status == 404, r
+    body = r.json()
+    assert body["status"] == 404 and body["request_id"] == r.header("x-request-id"), (body, r.headers)
+    assert (r.header("content-type") or "").startswith("application/json"), r.headers
+
+
+def test_respond_route(proxy):
+    with RawClient(proxy.port) as c:
+        r = c.request("GET", "/teapot")
+        assert r.status == 418 and r.body == b"short and stout\n", r
+        assert r.header("content-type") == "text/plain" and r.header("x-local") == "yes", r.headers
+        head = c.request("HEAD", "/teapot")
+        assert head.status == 418 and head.body == b"", head
+        r = c.request("GET", "/teapot")  # the connection is intact after HEAD
+        assert r.status == 418 and r.body == b"short and stout\n", r
+
+
+def test_respond_route_drains_request_body(proxy):
+    """A local response to a request with a body must not treat the body as the next request."""
+    with RawClient(proxy.port) as c:
+        c.send(build_request("POST", "/teapot", body=b"GET /evil HTTP/1.1\r\nHost: x\r\n\r\n")
+               + build_request("GET", "/api/echo?next"))
+        first = c.read_response()
+        assert first.status == 418, first
+        second = c.read_response()
+        assert second.status == 200 and second.json()["target"] == "/api/echo?next", second

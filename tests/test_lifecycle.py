@@ -1,0 +1,297 @@
+"""The master's lifecycle driven with real signals against the real processes.
+
+Reload (valid and broken config, under load, with a slow request in flight),
+graceful quit, fast stop, worker respawn, master death, log reopening, the `-s`
+and `-t` command-line verbs and the process titles.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from harness.client import RawClient, ServerClosed, fetch
+from harness.proxy import ProxyProcess, cmdline, pid_alive, respond, upstream, wait_until
+
+
+def config(origin, body="version one\n", workers=2, **main):
+    return {
+        "main": {"workers": workers, "shutdown_timeout": "10s", **main},
+        "access_log": {"flush": "100ms"},
+        "upstreams": {"origin": upstream(origin)},
+        "routes": [
+            {"name": "hello", "path": "/hello", "respond": respond(200, body, {"Content-Type": "text/plain"})},
+            {"name": "api", "path_prefix": "/api/", "upstream": "origin"},
+        ],
+    }
+
+
+def hello(proxy) -> bytes:
+    r = fetch(proxy.port, "GET", "/hello")
+    assert r.status == 200, r
+    return r.body
+
+
+class Background:
+    """Run fn in a thread and keep its result or exception."""
+
+    def __init__(self, fn, *args):
+        self.result = self.error = None
+        self._t = threading.Thread(target=self._run, args=(fn,) + args, daemon=True)
+        self._t.start()
+
+    def _run(self, fn, *args):
+        try:
+            self.result = fn(*args)
+        except BaseException as e:  # reported by get()
+            self.error = e
+
+    def get(self, timeout: float = 30):
+        self._t.join(timeout)
+        assert not self._t.is_alive(), "background request still running"
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# -- titles ------------------------------------------------------------------------------
+def test_process_titles(make_proxy, origin):
+    p = make_proxy(config(origin))
+    assert cmdline(p.pid) == f"fastproxy: master process {p.config_path}"
+    st = p.status()
+    assert len(st["workers"]) == 2 and len({w["slot"] for w in st["workers"]}) == 2, st
+    for w in st["workers"]:
+        assert cmdline(int(w["pid"])) == f"fastproxy: worker process #{w['slot']} (generation {st['generation']})"
+
+
+# -- reload ------------------------------------------------------------------------------
+def test_hup_with_new_config_switches_routes(make_proxy, origin):
+    p = make_proxy(config(origin, "version one\n"))
+    assert hello(p) == b"version one\n"
+    gen = p.generation()
+    p.write_config(config(origin, "version two\n"))
+    p.signal(signal.SIGHUP)
+    st = p.wait_generation(gen)
+    assert st["generation"] == gen + 1
+    assert all(w["generation"] == gen + 1 for w in st["workers"]), st
+    assert [hello(p) for _ in range(10)] == [b"version two\n"] * 10
+
+
+def test_hup_with_broken_config_keeps_serving(make_proxy, origin):
+    p = make_proxy(config(origin, "still here\n"))
+    gen, pids = p.generation(), p.worker_pids()
+    good = p.config_path.read_text()
+    p.write_config(text=good.replace("[main]\n", "[main]\nno_such_key = 1\n", 1))
+    p.signal(signal.SIGHUP)
+    wait_until(lambda: "no_such_key" in p.error_log.read_text(), 10, message="the config error in the error log")
+    log = p.error_log.read_text()
+    line = next(l for l in log.splitlines() if "no_such_key" in l)
+    assert str(p.config_path) in line or str(p.config_path) in log, log[-2000:]
+    assert "main.no_such_key" in log, log[-2000:]
+    assert p.generation() == gen and p.worker_pids() == pids
+    assert [hello(p) for _ in range(5)] == [b"still here\n"] * 5
+    p.write_config(text=good.replace("still here", "fixed"))  # a later valid reload still works
+    p.signal(signal.SIGHUP)
+    p.wait_generation(gen)
+    assert hello(p) == b"fixed\n"
+
+
+@pytest.mark.slow
+def test_zero_downtime_reload_under_load(make_proxy, origin):
+    """64 keep-alive connections plus fresh connections for 10 s, HUP every second: nothing fails."""
+    p = make_proxy(config(origin))
+    gen0 = p.generation()
+    stop = threading.Event()
+    lock = threading.Lock()
+    failures = []
+    counts = {"ok": 0, "connections": 0}
+
+    def record(kind, detail):
+        with lock:
+            failures.append((kind, detail))
+
+    def keepalive_client(i):
+        target = "/hello" if i % 2 else f"/api/echo?client={i}"
+        c = None
+        while not stop.is_set():
+            try:
+                if c is None:
+                    c = RawClient(p.port, timeout=20)
+                    with lock:
+                        counts["connections"] += 1
+                r = c.request("GET", target)
+                if r.status != 200:
+                    record("status", r)
+                else:
+                    with lock:
+                        counts["ok"] += 1
+                if r.has_token("connection", "close"):
+                    c.close()
+                    c = None
+            except Exception as e:
+                record(type(e).__name__, str(e)[:200])
+                if c is not None:
+                    c.close()
+                c = None
+        if c is not None:
+            c.close()
+
+    def fresh_client(i):
+        while not stop.is_set():
+            try:
+                r = fetch(p.port, "GET", "/hello" if i % 2 else "/api/echo?fresh", [("Connection", "close")],
+                          timeout=20)
+                if r.status != 200:
+                    record("status", r)
+                else:
+                    with lock:
+                        counts["ok"] += 1
+                        counts["connections"] += 1
+            except Exception as e:
+                record(type(e).__name__, str(e)[:200])
+
+    threads = [threading.Thread(target=keepalive_client, args=(i,), daemon=True) for i in range(64)]
+    threads += [threading.Thread(target=fresh_client, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    hups = 0
+    try:
+        for _ in range(10):
+            time.sleep(1)
+            p.signal(signal.SIGHUP)
+            hups += 1
+    finally:
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads), "load threads hung"
+    st = p.wait_generation(gen0, timeout=30)
+    assert not failures, f"{len(failures)} failures out of {counts}; first: {failures[:10]}"
+    assert counts["ok"] > 500, counts
+    assert st["generation"] > gen0
+
+
+def test_slow_request_survives_reload(make_proxy, origin):
+    p = make_proxy(config(origin))
+    gen = p.generation()
+    slow = Background(fetch, p.port, "GET", "/api/slow?delay=3&before-hup")
+    origin.wait_for_request(lambda r: "before-hup" in r.target)
+    p.signal(signal.SIGHUP)
+    p.wait_generation(gen, settled=False)
+    r = slow.get()
+    assert r.status == 200 and "before-hup" in r.json()["target"], r
+    p.wait_generation(gen, settled=True)
+
+
+# -- stopping ------------------------------------------------------------------------------
+def test_quit_drains_then_exits(make_proxy, origin):
+    p = make_proxy(config(origin))
+    pids = p.worker_pids()
+    slow = Background(fetch, p.port, "GET", "/api/slow?delay=3&before-quit")
+    origin.wait_for_request(lambda r: "before-quit" in r.target)
+    p.signal(signal.SIGQUIT)
+    wait_until(lambda: any("shutting down" in cmdline(pid) for pid in pids), 5,
+               message="a worker titled '... shutting down'")
+    r = slow.get()
+    assert r.status == 200 and "before-quit" in r.json()["target"], r
+    assert p.wait_exit(20) == 0, "master did not exit 0 after QUIT"
+    p.assert_no_leftovers(timeout=0.5)
+    assert refused(p.port)
+
+
+def test_term_stops_fast(make_proxy, origin):
+    p = make_proxy(config(origin))
+    slow = Background(fetch, p.port, "GET", "/api/slow?delay=60&before-term")
+    origin.wait_for_request(lambda r: "before-term" in r.target)
+    p.signal(signal.SIGTERM)
+    assert p.wait_exit(10) is not None, "master still running 10 s after TERM"
+    with pytest.raises((ServerClosed, ConnectionResetError)):
+        slow.get()
+    p.assert_no_leftovers(timeout=2)
+    assert refused(p.port)
+
+
+def test_killed_worker_is_respawned(make_proxy, origin):
+    p = make_proxy(config(origin))
+    before = p.worker_pids()
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+
+    def respawned():
+        now = p.worker_pids()
+        return now if len(now) == 2 and victim not in now else None
+    now = wait_until(respawned, 15, message="a respawned worker in /status")
+    assert before[1] in now
+    for i in range(20):
+        assert hello(p) == b"version one\n"
+        r = fetch(p.port, "GET", f"/api/echo?after-kill={i}")
+        assert r.status == 200, r
+
+
+def test_master_killed_workers_exit(make_proxy, origin):
+    p = make_proxy(config(origin))
+    pids = p.worker_pids()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait_exit(5)
+    wait_until(lambda: not any(pid_alive(x) for x in pids), 15, message="workers to exit after the master died")
+    assert refused(p.port), "the listen port still accepts connections with the master dead"
+
+
+# -- logs and the command line -----------------------------------------------------------
+def test_usr1_reopens_access_log(make_proxy, origin):
+    p = make_proxy(config(origin))
+    fetch(p.port, "GET", "/hello?before-rotate")
+    wait_until(lambda: p.access_log.exists() and "before-rotate" in p.access_log.read_text(), 10,
+               message="the first access-log line")
+    rotated = p.access_log.with_name(p.access_log.name + ".1")
+    p.access_log.rename(rotated)
+    p.signal(signal.SIGUSR1)
+
+    def new_file_has_line():
+        fetch(p.port, "GET", "/hello?after-rotate")
+        return p.access_log.exists() and "after-rotate" in p.access_log.read_text()
+    wait_until(new_file_has_line, 10, interval=0.3, message="lines in the reopened access log")
+    assert "before-rotate" in rotated.read_text()
+    assert "before-rotate" not in p.access_log.read_text()
+
+
+def test_signal_verbs_via_pid_file(make_proxy, origin):
+    p = make_proxy(config(origin))
+    assert int(p.pid_file.read_text().strip()) == p.pid
+    gen = p.generation()
+    out = p.run_cli("-s", "reload", "-c", str(p.config_path))
+    assert out.returncode == 0, out
+    p.wait_generation(gen)
+    out = p.run_cli("-s", "quit", "-c", str(p.config_path))
+    assert out.returncode == 0, out
+    assert p.wait_exit(20) == 0
+    p.assert_no_leftovers(timeout=0.5)
+
+
+def test_config_test_flag(tmp_path, origin):
+    p = ProxyProcess(tmp_path, config(origin))
+    p.write_config()
+    out = p.run_cli("-t", "-c", str(p.config_path))
+    assert out.returncode == 0, out
+    assert f"configuration file {p.config_path} test is successful" in out.stdout + out.stderr, out
+    good = p.config_path.read_text()
+    p.write_config(text=good.replace('shutdown_timeout = "10s"', 'shutdown_timeout = "ten seconds"')
+                   .replace("[main]\n", "[main]\nno_such_key = 1\n", 1))
+    out = p.run_cli("-t", "-c", str(p.config_path))
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, out
+    assert str(p.config_path) in text and "main.shutdown_timeout" in text and "main.no_such_key" in text, text
+    assert "test is successful" not in text
