@@ -605,3 +605,90 @@ def test_signal_master_errors(tmp_path):
         signal_master(str(pid_file), "restart")
     with pytest.raises(PidFileError, match="sets no main.pid_file"):
         signal_master(None, "reload")
+
+
+def test_pid_file_in_a_missing_directory_is_a_clear_startup_error(make_master, tmp_path):
+    m = make_master(start=False, workers=1, pid_file=str(tmp_path / "missing" / "fp.pid"))
+    m.start(wait=False)
+    assert m.wait_exit() == 1
+    _, err = m.proc.communicate()
+    assert f"cannot write pid file {tmp_path}/missing/fp.pid: No such file or directory" in err
+
+
+# ---- the socket set, in this process ---------------------------------------------------------
+
+def _runtime(tmp_path, workers, listen, admin=None):
+    from fastproxy.config import load_runtime
+    text = to_toml({
+        "main": {"workers": workers},
+        **({"admin": {"listen": admin}} if admin else {}),
+        "listen": [{"address": a} for a in listen],
+        "routes": [{"path_prefix": "/", "respond": {"status": 200, "body": "ok"}}],
+    })
+    path = tmp_path / f"{uuid.uuid4().hex}.toml"
+    path.write_text(text)
+    return load_runtime(str(path))
+
+
+def test_listen_sockets_one_per_slot_kept_and_closed_by_configuration(tmp_path):
+    from fastproxy.master.sockets import ListenSockets
+    port, admin_port = free_port(), free_port()
+    two = _runtime(tmp_path, 2, [f"127.0.0.1:{port}"], admin=f"127.0.0.1:{admin_port}")
+    sockets = ListenSockets()
+    try:
+        sockets.bind(two)
+        slot0, slot1 = sockets.for_slot(two, 0)[0], sockets.for_slot(two, 1)[0]
+        assert slot0 is not slot1
+        for s in (slot0, slot1):
+            assert s.getsockname() == ("127.0.0.1", port)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            assert not s.getblocking()
+        admin = sockets.admin(two)
+        assert admin.getsockname() == ("127.0.0.1", admin_port)
+        assert admin.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+
+        one = _runtime(tmp_path, 1, [f"127.0.0.1:{port}"])
+        sockets.bind(one)  # a reload: slot 0 is reused, nothing is bound
+        assert sockets.for_slot(one, 0)[0] is slot0
+        assert sockets.close_unused([one, two]) == []  # the old generation still runs
+        assert set(sockets.close_unused([one])) == {f"127.0.0.1:{admin_port} (admin)",
+                                                     f"127.0.0.1:{port} (slot 1)"}
+        assert slot1.fileno() == -1 and admin.fileno() == -1 and slot0.fileno() >= 0
+    finally:
+        sockets.close_all()
+
+
+def test_a_failed_bind_leaves_the_socket_set_as_it_was(tmp_path):
+    from fastproxy.master.sockets import BindError, ListenSockets
+    port = free_port()
+    taken = socket.create_server(("127.0.0.1", 0))
+    sockets = ListenSockets()
+    try:
+        sockets.bind(_runtime(tmp_path, 1, [f"127.0.0.1:{port}"]))
+        before = sockets.all()
+        with pytest.raises(BindError, match=rf"cannot listen on 127\.0\.0\.1:{taken.getsockname()[1]}: "
+                                            r"Address already in use"):
+            sockets.bind(_runtime(tmp_path, 2, [f"127.0.0.1:{free_port()}",
+                                                 f"127.0.0.1:{taken.getsockname()[1]}"]))
+        assert sockets.all() == before
+    finally:
+        sockets.close_all()
+        taken.close()
+
+
+def test_ipv6_listeners_are_v6_only(tmp_path):
+    from fastproxy.master.sockets import ListenSockets
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    port = free_port()
+    runtime = _runtime(tmp_path, 1, [f"[::1]:{port}"])
+    sockets = ListenSockets()
+    try:
+        sockets.bind(runtime)
+        sock = sockets.for_slot(runtime, 0)[0]
+        assert sock.family == socket.AF_INET6
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        sockets.close_all()

@@ -23,9 +23,12 @@ class PidFileError(FastproxyError):
 def write_pid_file(path: str, pid: int) -> None:
     """Write atomically, so a reader never sees an empty or half-written file."""
     tmp = f"{path}.{pid}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{pid}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PidFileError(f"cannot write pid file {path}: {e.strerror}") from None
 
 
 def read_pid_file(path: str) -> int:
