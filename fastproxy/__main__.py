@@ -1,0 +1,5 @@
+import sys
+
+from fastproxy.cli import main
+
+sys.exit(main())

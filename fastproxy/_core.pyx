@@ -1,0 +1,20 @@
+# cython: language_level=3
+"""fastproxy's compiled core: everything that runs once per request or per byte.
+
+One extension module made of the parts in fastproxy/core/, included in dependency
+order (the way uvloop's loop.pyx includes its parts)."""
+
+include "core/common.pyx"
+include "core/metrics.pyx"
+include "core/decl.pxi"
+include "core/router.pyx"
+include "core/accesslog.pyx"
+include "core/upstream.pyx"
+include "core/http.pyx"
+include "core/context.pyx"
+
+
+def versions():
+    import httptools, uvloop, Cython
+    return {"httptools": httptools.__version__, "uvloop": uvloop.__version__,
+            "cython": Cython.__version__}

@@ -1,0 +1,211 @@
+# Shared by every part of the core: clock, header classification, status lines,
+# request ids, error bodies. Included first by _core.pyx.
+
+from libc.stdint cimport uint64_t, int64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+import os
+import time
+from email.utils import formatdate
+
+from httptools import HttpRequestParser, HttpResponseParser
+from httptools import HttpParserError, HttpParserCallbackError, HttpParserUpgrade
+
+cdef extern from "strings.h":
+    int strncasecmp(const char *s1, const char *s2, size_t n)
+
+
+cdef inline double monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# Header kinds: the headers the proxy itself acts on. Everything else is H_OTHER
+# and forwarded untouched.
+cdef enum:
+    H_OTHER = 0
+    H_HOST
+    H_CONTENT_LENGTH
+    H_TRANSFER_ENCODING
+    H_CONNECTION
+    H_KEEP_ALIVE
+    H_PROXY_CONNECTION
+    H_TE
+    H_TRAILER
+    H_UPGRADE
+    H_EXPECT
+    H_X_REQUEST_ID
+    H_X_FORWARDED_FOR
+    H_X_FORWARDED_PROTO
+    H_X_FORWARDED_HOST
+    H_SERVER
+    H_DATE
+    H_USER_AGENT
+    H_REFERER
+
+
+cdef inline bint name_is(const char *name, Py_ssize_t n, const char *lower, Py_ssize_t m) noexcept:
+    return n == m and strncasecmp(name, lower, <size_t>m) == 0
+
+
+cdef int header_kind(bytes name) noexcept:
+    """Classify a header name without allocating (case-insensitive, by length first)."""
+    cdef const char *p = PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    if n == 2:
+        return H_TE if name_is(p, n, b"te", 2) else H_OTHER
+    if n == 4:
+        if name_is(p, n, b"host", 4):
+            return H_HOST
+        return H_DATE if name_is(p, n, b"date", 4) else H_OTHER
+    if n == 6:
+        if name_is(p, n, b"expect", 6):
+            return H_EXPECT
+        return H_SERVER if name_is(p, n, b"server", 6) else H_OTHER
+    if n == 7:
+        if name_is(p, n, b"upgrade", 7):
+            return H_UPGRADE
+        if name_is(p, n, b"trailer", 7):
+            return H_TRAILER
+        return H_REFERER if name_is(p, n, b"referer", 7) else H_OTHER
+    if n == 10:
+        if name_is(p, n, b"connection", 10):
+            return H_CONNECTION
+        if name_is(p, n, b"keep-alive", 10):
+            return H_KEEP_ALIVE
+        return H_USER_AGENT if name_is(p, n, b"user-agent", 10) else H_OTHER
+    if n == 12:
+        return H_X_REQUEST_ID if name_is(p, n, b"x-request-id", 12) else H_OTHER
+    if n == 14:
+        return H_CONTENT_LENGTH if name_is(p, n, b"content-length", 14) else H_OTHER
+    if n == 15:
+        return H_X_FORWARDED_FOR if name_is(p, n, b"x-forwarded-for", 15) else H_OTHER
+    if n == 16:
+        if name_is(p, n, b"proxy-connection", 16):
+            return H_PROXY_CONNECTION
+        return H_X_FORWARDED_HOST if name_is(p, n, b"x-forwarded-host", 16) else H_OTHER
+    if n == 17:
+        if name_is(p, n, b"transfer-encoding", 17):
+            return H_TRANSFER_ENCODING
+        return H_X_FORWARDED_PROTO if name_is(p, n, b"x-forwarded-proto", 17) else H_OTHER
+    return H_OTHER
+
+
+cdef inline bint is_hop_by_hop(int kind) noexcept:
+    return (kind == H_CONNECTION or kind == H_KEEP_ALIVE or kind == H_PROXY_CONNECTION
+            or kind == H_TE or kind == H_TRAILER or kind == H_UPGRADE
+            or kind == H_TRANSFER_ENCODING)
+
+
+cdef inline bint ends_with_chunked(bytes value) noexcept:
+    """True when the last transfer coding of a Transfer-Encoding value is chunked."""
+    cdef const char *p = PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+    while n > 0 and (p[n - 1] == b' ' or p[n - 1] == b'\t'):
+        n -= 1
+    return n >= 7 and strncasecmp(p + n - 7, b"chunked", 7) == 0 and (
+        n == 7 or p[n - 8] == b',' or p[n - 8] == b' ' or p[n - 8] == b'\t')
+
+
+cdef list connection_tokens(bytes value):
+    """Lower-cased tokens of a Connection header (once per request that has one)."""
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+REASONS = {
+    100: "Continue", 101: "Switching Protocols", 103: "Early Hints",
+    200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
+    204: "No Content", 205: "Reset Content", 206: "Partial Content",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Found", 303: "See Other",
+    304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 409: "Conflict",
+    410: "Gone", 411: "Length Required", 412: "Precondition Failed", 413: "Content Too Large",
+    414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 421: "Misdirected Request", 422: "Unprocessable Content",
+    425: "Too Early", 426: "Upgrade Required", 428: "Precondition Required",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    451: "Unavailable For Legal Reasons",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+# Status lines pre-encoded once at import: index = status code.
+cdef list STATUS_LINES = [None] * 600
+for _code in range(100, 600):
+    STATUS_LINES[_code] = ("HTTP/1.1 %d %s\r\n" % (_code, REASONS.get(_code, "Unknown"))).encode()
+
+
+cdef inline bytes status_line(int code):
+    if 100 <= code < 600:
+        return <bytes>STATUS_LINES[code]
+    return b"HTTP/1.1 %d Unknown\r\n" % code
+
+
+cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+cdef class RequestIds:
+    """32 hex digits: a random per-worker prefix and a counter (unique, no syscall)."""
+    cdef char prefix[17]
+    cdef uint64_t counter
+
+    def __cinit__(self):
+        cdef bytes rnd = os.urandom(8).hex().encode()
+        memcpy(self.prefix, PyBytes_AS_STRING(rnd), 16)
+        self.prefix[16] = 0
+        self.counter = 0
+
+    cdef bytes next(self):
+        cdef char buf[40]
+        self.counter += 1
+        cdef int n = snprintf(buf, sizeof(buf), "%s%016llx", self.prefix,
+                              <unsigned long long>self.counter)
+        return PyBytes_FromStringAndSize(buf, n)
+
+
+cdef inline bytes chunk_header(Py_ssize_t size):
+    cdef char buf[24]
+    cdef int n = snprintf(buf, sizeof(buf), "%zx\r\n", size)
+    return PyBytes_FromStringAndSize(buf, n)
+
+
+cdef inline bytes decimal(Py_ssize_t value):
+    cdef char buf[24]
+    cdef int n = snprintf(buf, sizeof(buf), "%zd", value)
+    return PyBytes_FromStringAndSize(buf, n)
+
+
+cdef inline bint valid_request_id(bytes value) noexcept:
+    """A client's X-Request-ID is kept only if it is short and plain (it ends up in logs)."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    if n == 0 or n > 200:
+        return False
+    for i in range(n):
+        if p[i] <= 32 or p[i] >= 127 or p[i] == b'"' or p[i] == b'\\':
+            return False
+    return True
+
+
+ERROR_NAMES = {
+    400: "bad request", 404: "not found", 405: "method not allowed", 408: "request timeout",
+    413: "content too large", 414: "uri too long", 417: "expectation failed",
+    431: "request header fields too large", 500: "internal server error",
+    501: "not implemented", 502: "bad gateway", 503: "service unavailable",
+    504: "gateway timeout",
+}
+
+
+cdef bytes error_body(int status, bytes request_id):
+    return b'{"status":%d,"error":"%s","request_id":"%s"}\n' % (
+        status, ERROR_NAMES.get(status, "error").encode(), request_id)
+
+
+def http_date():
+    return formatdate(usegmt=True).encode()

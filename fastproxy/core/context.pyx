@@ -1,0 +1,164 @@
+# The per-worker core: built once per worker from the compiled Runtime, it owns the
+# router, the upstream pools, the metrics writer, the access log and the periodic tick
+# that enforces every timeout (one sweep instead of a timer per connection).
+
+
+cdef class WorkerCore:
+    cdef object loop
+    cdef Router router
+    cdef dict pools_by_name
+    cdef MetricsWriter metrics
+    cdef AccessLog access_log
+    cdef set clients
+    cdef set upstreams
+    cdef RequestIds ids
+    cdef bint draining
+    cdef double drain_deadline
+    cdef object on_drained
+    cdef object error_logger
+    cdef Py_ssize_t max_header_size, max_uri_size
+    cdef double client_header_timeout, client_body_timeout, keepalive_timeout, send_timeout
+    cdef int keepalive_requests
+    cdef bytes server_line
+    cdef bytes date_line
+    cdef bint pass_server_header
+    cdef double tick_interval
+    cdef double next_log_flush
+    cdef double log_flush_interval
+    cdef object tick_handle
+
+    def __init__(self, loop, runtime, route_ids, upstream_ids, metrics_buffer, int counter_slot,
+                 on_drained, error_logger):
+        main = runtime.main
+        self.loop = loop
+        self.on_drained = on_drained
+        self.error_logger = error_logger
+        self.clients = set()
+        self.upstreams = set()
+        self.ids = RequestIds()
+        self.metrics = MetricsWriter.new(metrics_buffer, counter_slot)
+        self.max_uri_size = main.max_uri_size
+        self.max_header_size = max([main.max_header_size] + [r.max_header_size for r in runtime.routes])
+        self.client_header_timeout = main.client_header_timeout
+        self.client_body_timeout = main.client_body_timeout
+        self.keepalive_timeout = main.keepalive_timeout
+        self.send_timeout = main.send_timeout
+        self.keepalive_requests = main.keepalive_requests
+        self.server_line = b"Server: " + main.server_header + b"\r\n" if main.server_header else b""
+        self.pass_server_header = main.pass_server_header
+        self.pools_by_name = {
+            u.name: UpstreamPool(self, u, upstream_ids[i]) for i, u in enumerate(runtime.upstreams)}
+        self.router = Router([self.compile_route(r, route_ids[i]) for i, r in enumerate(runtime.routes)])
+        log = runtime.access_log
+        self.access_log = None if log.path == "off" else AccessLog(log.path, log.format, log.buffer_size)
+        self.log_flush_interval = log.flush_interval
+        timeouts = [main.client_header_timeout, main.client_body_timeout, main.keepalive_timeout,
+                    main.send_timeout, log.flush_interval]
+        for u in runtime.upstreams:
+            timeouts += [u.connect_timeout, u.read_timeout, u.send_timeout, u.keepalive_timeout]
+        # timeouts fire within a quarter of the shortest one, and at least once a second
+        self.tick_interval = max(0.01, min(1.0, min(timeouts) / 4))
+        self.date_line = b"Date: " + http_date() + b"\r\n"
+
+    cdef CompiledRoute compile_route(self, route, int metric_id):
+        cdef CompiledRoute cr = CompiledRoute()
+        handler = route.handler
+        cr.name = route.name
+        cr.metric_id = metric_id
+        cr.hosts = tuple(h for h in route.hosts if not h.startswith(b"*."))
+        cr.host_suffixes = tuple(h[1:] for h in route.hosts if h.startswith(b"*."))
+        cr.path = route.path
+        cr.prefix = route.path_prefix
+        cr.methods = tuple(route.methods)
+        cr.max_body_size = route.max_body_size
+        cr.max_header_size = route.max_header_size
+        cr.phases = route.phases
+        if hasattr(handler, "upstream"):
+            cr.handler = HANDLER_PROXY
+            cr.pool = self.pools_by_name[handler.upstream]
+        else:
+            cr.handler = HANDLER_RESPOND
+            cr.respond_status = handler.status
+            cr.respond_body = handler.body
+            head = [status_line(handler.status), self.server_line]
+            for name, value in handler.headers:
+                head.append(name + b": " + value + b"\r\n")
+            head.append(b"Content-Length: %d\r\n" % len(handler.body))
+            cr.respond_head = b"".join(head)
+        return cr
+
+    def protocol_factory(self):
+        return ClientConnection(self)
+
+    def start(self):
+        self.next_log_flush = monotonic() + self.log_flush_interval
+        self.tick_handle = self.loop.call_later(self.tick_interval, self.tick)
+
+    def tick(self):
+        """Periodic sweep: expired timeouts, the Date header, buffered log lines."""
+        cdef double now = monotonic()
+        cdef ClientConnection client
+        cdef UpstreamConnection conn
+        cdef UpstreamPool pool
+        self.date_line = b"Date: " + http_date() + b"\r\n"
+        for client in list(self.clients):
+            if client.deadline and client.deadline <= now:
+                client.timed_out()
+        for conn in list(self.upstreams):
+            if conn.deadline and conn.deadline <= now:
+                conn.timed_out()
+        for pool in self.pools_by_name.values():
+            pool.expire_idle(now)
+        if self.access_log is not None and now >= self.next_log_flush:
+            self.access_log.tick()
+            self.access_log.flush()
+            self.next_log_flush = now + self.log_flush_interval
+        if self.draining and now >= self.drain_deadline:
+            for client in list(self.clients):
+                client.abort()
+            self.finish_drain()
+            return
+        self.tick_handle = self.loop.call_later(self.tick_interval, self.tick)
+
+    def drain(self, double timeout):
+        """Stop taking new work (the caller has closed the listeners); finish what is in
+        flight; answer with Connection: close from now on; exit when no client is left."""
+        cdef ClientConnection client
+        self.draining = True
+        self.drain_deadline = monotonic() + timeout
+        for client in list(self.clients):
+            client.drain()
+        self.connection_gone()
+
+    cdef void connection_gone(self) except *:
+        if self.draining and not self.clients:
+            self.finish_drain()
+
+    cdef void finish_drain(self) except *:
+        cdef UpstreamPool pool
+        if self.on_drained is None:
+            return
+        for pool in self.pools_by_name.values():
+            pool.close_all()
+        if self.access_log is not None:
+            self.access_log.flush()
+        callback, self.on_drained = self.on_drained, None
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+        callback()
+
+    def reopen_logs(self):
+        if self.access_log is not None:
+            self.access_log.reopen()
+
+    def flush_logs(self):
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    def active_connections(self):
+        return len(self.clients)
+
+    cdef void report_error(self, exc) except *:
+        if self.error_logger is not None:
+            self.error_logger.error("unexpected error while handling a request",
+                                    exc_info=(type(exc), exc, exc.__traceback__))

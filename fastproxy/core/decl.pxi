@@ -1,0 +1,9 @@
+# Forward declarations: the parts refer to each other's cdef classes.
+cdef class CompiledRoute
+cdef class Router
+cdef class AccessLog
+cdef class UpstreamPool
+cdef class UpstreamConnection
+cdef class Exchange
+cdef class ClientConnection
+cdef class WorkerCore

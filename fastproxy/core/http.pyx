@@ -1,0 +1,792 @@
+# Client side: the connection protocol (the httptools callback target) and the
+# Exchange, one request/response pair travelling through the route's handler.
+
+from collections import deque
+
+cimport cython
+
+cdef enum:
+    # how the response body is framed toward the client
+    FRAME_NONE = 0      # no body: HEAD, 1xx, 204, 304
+    FRAME_LENGTH = 1    # Content-Length, passed through
+    FRAME_CHUNKED = 2   # re-chunked for an HTTP/1.1 client
+    FRAME_CLOSE = 3     # an HTTP/1.0 client and no length: the body ends when we close
+
+cdef enum:
+    # why reading from the client is paused (a bit each; reading resumes at zero)
+    PAUSE_UPSTREAM_FULL = 1   # the upstream's write buffer is full (upload backpressure)
+    PAUSE_PIPELINE = 2        # a complete request waits behind the current one
+    PAUSE_BUFFERED = 4        # body buffered while the upstream connection is being made
+
+cdef enum:
+    TIMER_NONE = 0
+    TIMER_IDLE = 1      # between requests: close quietly
+    TIMER_HEADER = 2    # request head incomplete: 408
+    TIMER_BODY = 3      # request body stalled: 408
+    TIMER_SEND = 4      # client not reading our response: close
+
+cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
+
+cdef bytes CRLF = b"\r\n"
+cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+cdef bytes CONNECTION_CLOSE = b"Connection: close\r\n"
+cdef bytes CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+cdef bytes CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
+cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+
+class _StopRequest(Exception):
+    """Raised from a parser callback to stop parsing a request we have already refused."""
+
+
+cdef object STOP_REQUEST = _StopRequest()
+
+
+@cython.freelist(64)
+cdef class Exchange:
+    cdef ClientConnection client
+    cdef CompiledRoute route
+    cdef UpstreamConnection upstream
+    cdef bytes method, url, path, host, request_id, xff, referer, user_agent, upstream_addr
+    cdef list fwd_headers
+    cdef list conn_tokens
+    cdef list up_out            # upstream-bound bytes not yet written
+    cdef Py_ssize_t up_out_size
+    cdef bytes upstream_head    # kept for a retry on a fresh connection
+    cdef bytes allow            # Allow value for a 405
+    cdef int host_count
+    cdef int local_status       # >0: answered locally (respond route or an error)
+    cdef int status
+    cdef int frame
+    cdef bint http11, keep_alive, chunked_in, has_length, expect_continue
+    cdef bint upgrade_websocket, upgrading, is_head, head_done, request_done
+    cdef bint response_started, response_done, aborted, retried, close_after
+    cdef Py_ssize_t content_length, body_received, head_size
+    cdef Py_ssize_t bytes_in, bytes_out
+    cdef double started_at, upstream_start, upstream_time
+
+    @staticmethod
+    cdef Exchange new(ClientConnection client):
+        cdef Exchange ex = Exchange.__new__(Exchange)
+        ex.client = client
+        ex.fwd_headers = []
+        ex.content_length = -1
+        ex.upstream_time = -1
+        ex.started_at = monotonic()
+        return ex
+
+    # -- request side -----------------------------------------------------------
+
+    cdef void header(self, bytes name, bytes value) except *:
+        cdef int kind = header_kind(name)
+        if kind == H_OTHER:
+            self.fwd_headers.append((name, value))
+        elif kind == H_HOST:
+            self.host_count += 1
+            self.host = value
+        elif kind == H_CONTENT_LENGTH:
+            self.has_length = True  # llhttp has checked it is one plain number
+            self.content_length = int(value)
+        elif kind == H_TRANSFER_ENCODING:
+            self.chunked_in = True  # llhttp already refused any coding list not ending in chunked
+        elif kind == H_CONNECTION:
+            self.conn_tokens = connection_tokens(value)
+        elif kind == H_UPGRADE:
+            self.upgrade_websocket = value.strip().lower() == b"websocket"
+        elif kind == H_EXPECT:
+            if value.strip().lower() == b"100-continue":
+                self.expect_continue = True
+            else:
+                self.local_status = 417
+        elif kind == H_X_REQUEST_ID:
+            if valid_request_id(value):
+                self.request_id = value
+        elif kind == H_X_FORWARDED_FOR:
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif kind == H_USER_AGENT:
+            self.user_agent = value
+            self.fwd_headers.append((name, value))
+        elif kind == H_REFERER:
+            self.referer = value
+            self.fwd_headers.append((name, value))
+        elif kind == H_SERVER or kind == H_DATE:
+            self.fwd_headers.append((name, value))
+        # other hop-by-hop headers and X-Forwarded-Proto/-Host are dropped: we set our own
+
+    cdef void head_complete(self, object parser) except *:
+        """Validate and route a complete request head; answer or start forwarding."""
+        cdef ClientConnection client = self.client
+        cdef WorkerCore core = client.core
+        cdef list allowed
+        cdef Py_ssize_t q
+        self.head_done = True
+        self.method = parser.get_method()
+        self.http11 = parser.get_http_version() == "1.1"
+        self.keep_alive = parser.should_keep_alive()
+        self.is_head = self.method == b"HEAD"
+        if self.request_id is None:
+            self.request_id = core.ids.next()
+        self.upgrading = self.conn_tokens is not None and b"upgrade" in self.conn_tokens \
+            and self.upgrade_websocket
+        if self.url is None:
+            self.url = b"/"
+        if self.chunked_in:
+            self.content_length = -1
+        elif not self.has_length:
+            self.content_length = 0
+        if self.local_status:  # 417 from an Expect we do not know
+            self.close_after = True
+            return
+        if (self.http11 and self.host_count != 1) or self.host_count > 1:
+            self.fail(400)
+            return
+        if self.method == b"CONNECT":
+            self.local_status = 405
+            self.allow = b""
+            self.close_after = True
+            return
+        if self.host is None:
+            self.host = b""
+        q = self.url.find(b"?")
+        self.path = self.url if q < 0 else self.url[:q]
+        if not self.path.startswith(b"/"):
+            if not self.absolute_form():
+                self.fail(400)
+                return
+        if has_dot_segment(self.path):
+            self.fail(400)
+            return
+        allowed = []
+        self.route = core.router.match(
+            normalize_host(self.host) if core.router.uses_hosts else self.host,
+            self.path, self.method, allowed)
+        if self.route is None:
+            if allowed:
+                self.local_status = 405
+                self.allow = b", ".join(sorted(set(allowed)))
+            else:
+                self.local_status = 404
+            return
+        if self.head_size > self.route.max_header_size:
+            self.fail(431)
+            return
+        if self.route.max_body_size and self.content_length > self.route.max_body_size:
+            self.fail(413)
+            return
+        if self.route.handler == HANDLER_RESPOND:
+            self.local_status = self.route.respond_status
+            return
+        if self.conn_tokens is not None and b"upgrade" in self.conn_tokens \
+                and not self.upgrade_websocket and (self.content_length != 0):
+            self.fail(400)  # llhttp has skipped the body of an upgrade request: refuse it
+            return
+        self.upstream_head = self.build_upstream_head(core)
+
+    cdef bint absolute_form(self) except *:
+        """http://host/path targets (RFC 9112 3.2.2): route on their path and authority."""
+        cdef bytes lower = self.path[:8].lower()
+        cdef Py_ssize_t start, slash
+        if lower.startswith(b"http://"):
+            start = 7
+        elif lower.startswith(b"https://"):
+            start = 8
+        else:
+            return False
+        slash = self.url.find(b"/", start)
+        authority = self.url[start:] if slash < 0 else self.url[start:slash]
+        if not authority:
+            return False
+        self.host = authority
+        self.url = b"/" if slash < 0 else self.url[slash:]
+        q = self.url.find(b"?")
+        self.path = self.url if q < 0 else self.url[:q]
+        return True
+
+    cdef bytes build_upstream_head(self, WorkerCore core):
+        cdef list out = [self.method, b" ", self.url, b" HTTP/1.1\r\nHost: ", self.host, CRLF]
+        cdef tuple item
+        cdef list tokens = self.conn_tokens
+        for item in self.fwd_headers:
+            if tokens is not None and (<bytes>item[0]).lower() in tokens:
+                continue  # named in Connection: hop-by-hop for this request
+            out.append(<bytes>item[0])
+            out.append(b": ")
+            out.append(<bytes>item[1])
+            out.append(CRLF)
+        out.append(b"X-Forwarded-For: ")
+        if self.xff is not None:
+            out.append(self.xff)
+            out.append(b", ")
+        out.append(self.client.addr)
+        out.append(b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
+        out.append(self.host)
+        out.append(b"\r\nX-Request-ID: ")
+        out.append(self.request_id)
+        out.append(CRLF)
+        if self.upgrading:
+            out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
+        elif self.chunked_in:
+            out.append(CHUNKED_LINE)
+        elif self.content_length > 0:
+            out.append(b"Content-Length: ")
+            out.append(decimal(self.content_length))
+            out.append(CRLF)
+        out.append(CRLF)
+        return b"".join(out)
+
+    cdef void body(self, bytes data) except *:
+        cdef Py_ssize_t n = len(data)
+        self.body_received += n
+        self.bytes_in += n
+        if self.route is not None and self.route.max_body_size \
+                and self.body_received > self.route.max_body_size:
+            self.fail(413)
+            raise STOP_REQUEST
+        if self.local_status or self.route is None:
+            return  # answered locally: the body is read and dropped
+        if self.chunked_in:
+            self.to_upstream(chunk_header(n))
+            self.to_upstream(data)
+            self.to_upstream(CRLF)
+        else:
+            self.to_upstream(data)
+
+    cdef void message_complete(self) except *:
+        self.request_done = True
+        if self.chunked_in and not self.local_status and self.route is not None:
+            self.to_upstream(LAST_CHUNK)
+        if self.upstream is not None and self.upstream.state == UP_BUSY:
+            self.upstream.deadline = monotonic() + self.upstream.pool.read_timeout
+
+    cdef void to_upstream(self, bytes data) except *:
+        if self.up_out is None:
+            self.up_out = [data]
+        else:
+            self.up_out.append(data)
+        self.up_out_size += len(data)
+        if self.up_out_size > MAX_BUFFERED_BODY and (
+                self.upstream is None or self.upstream.state != UP_BUSY):
+            self.client.pause_reading(PAUSE_BUFFERED)
+
+    cdef void flush_upstream(self) except *:
+        cdef list out = self.up_out
+        if out is None or self.upstream is None or self.upstream.state != UP_BUSY:
+            return
+        self.up_out = None
+        self.up_out_size = 0
+        self.upstream.send(<bytes>out[0] if len(out) == 1 else b"".join(out))
+
+    cdef bint can_retry(self) noexcept:
+        return not self.retried and self.content_length == 0 and not self.chunked_in \
+            and self.method in IDEMPOTENT and not self.upgrading
+
+    # -- dispatch ---------------------------------------------------------------
+
+    cdef void dispatch(self) except *:
+        """Called when this exchange becomes the one the connection answers."""
+        cdef ClientConnection client = self.client
+        if self.local_status:
+            if self.request_done or self.expect_continue or self.close_after:
+                if not self.request_done:
+                    self.close_after = True  # the body will not come: we answered first
+                self.respond_local()
+            return  # else: answered once the body has been read
+        if self.expect_continue:
+            client.write(CONTINUE_100)
+        self.upstream_start = monotonic()
+        client.core.metrics.upstream_request(self.route.pool.metric_id)
+        self.route.pool.acquire(self, False)
+
+    cdef void upstream_ready(self, UpstreamConnection conn) except *:
+        cdef list pending = self.up_out
+        self.up_out = [self.upstream_head]
+        self.up_out_size = len(self.upstream_head)
+        if pending is not None:
+            self.up_out.extend(pending)
+        self.flush_upstream()
+        if self.request_done:
+            conn.deadline = monotonic() + conn.pool.read_timeout
+        self.client.resume_reading(PAUSE_BUFFERED)
+
+    cdef void upstream_failed(self, int status) except *:
+        self.upstream_time = monotonic() - self.upstream_start
+        if not self.request_done:
+            self.close_after = True
+        self.local_status = status
+        self.respond_local()
+        self.client.flush()
+
+    # -- response side ----------------------------------------------------------
+
+    cdef bytes connection_line(self):
+        """Connection header for our response; records whether we close afterwards."""
+        cdef ClientConnection client = self.client
+        if self.close_after or not self.keep_alive or not self.request_done \
+                or client.core.draining or self.frame == FRAME_CLOSE \
+                or client.requests + 1 >= client.core.keepalive_requests:
+            self.close_after = True
+            return CONNECTION_CLOSE
+        return b"" if self.http11 else CONNECTION_KEEP_ALIVE
+
+    cdef void respond_local(self) except *:
+        cdef ClientConnection client = self.client
+        cdef WorkerCore core = client.core
+        cdef bytes body
+        cdef list out
+        self.response_started = True
+        self.status = self.local_status
+        self.frame = FRAME_LENGTH
+        if self.route is not None and self.route.handler == HANDLER_RESPOND \
+                and self.status == self.route.respond_status:
+            out = [self.route.respond_head]
+            body = self.route.respond_body
+        else:
+            body = error_body(self.status, self.request_id if self.request_id is not None else b"")
+            out = [status_line(self.status), core.server_line,
+                   b"Content-Type: application/json\r\nContent-Length: ", decimal(len(body)), CRLF]
+            if self.status == 405 and self.allow is not None:
+                out.append(b"Allow: ")
+                out.append(self.allow)
+                out.append(CRLF)
+        out.append(core.date_line)
+        if self.request_id is not None:
+            out.append(b"X-Request-ID: ")
+            out.append(self.request_id)
+            out.append(CRLF)
+        out.append(self.connection_line())
+        out.append(CRLF)
+        if not self.is_head:
+            out.append(body)
+        client.write(b"".join(out))
+        self.response_complete()
+
+    cdef void fail(self, int status) except *:
+        """A client error found while reading the request: answer and close."""
+        self.local_status = status
+        self.close_after = True
+        self.client.refuse(self)
+
+    cdef void response_head(self, UpstreamConnection conn, int status) except *:
+        cdef WorkerCore core = self.client.core
+        cdef list out = [status_line(status)]
+        cdef tuple item
+        cdef list tokens = conn.resp_conn_tokens
+        self.upstream_time = monotonic() - self.upstream_start
+        self.response_started = True
+        self.status = status
+        if status == 101:
+            self.frame = FRAME_NONE
+        elif self.is_head or status == 204 or status == 304:
+            self.frame = FRAME_NONE
+        elif conn.resp_length is not None:
+            self.frame = FRAME_LENGTH
+        elif self.http11:
+            self.frame = FRAME_CHUNKED
+        else:
+            self.frame = FRAME_CLOSE
+        for item in conn.resp_headers:
+            if tokens is not None and (<bytes>item[0]).lower() in tokens:
+                continue
+            out.append(<bytes>item[0])
+            out.append(b": ")
+            out.append(<bytes>item[1])
+            out.append(CRLF)
+        if conn.resp_server is not None and core.pass_server_header:
+            out.append(b"Server: ")
+            out.append(conn.resp_server)
+            out.append(CRLF)
+        else:
+            out.append(core.server_line)
+        if not conn.resp_has_date:
+            out.append(core.date_line)
+        out.append(b"X-Request-ID: ")
+        out.append(self.request_id)
+        out.append(CRLF)
+        if conn.resp_length is not None and status >= 200 and status != 204:
+            out.append(b"Content-Length: ")
+            out.append(conn.resp_length)
+            out.append(CRLF)
+        if status == 101:
+            out.append(b"Connection: upgrade\r\nUpgrade: ")
+            out.append(conn.resp_upgrade if conn.resp_upgrade is not None else b"websocket")
+            out.append(CRLF)
+        else:
+            if self.upgrading:
+                self.close_after = True  # the client's parser is past an upgrade request
+            if self.frame == FRAME_CHUNKED:
+                out.append(CHUNKED_LINE)
+            out.append(self.connection_line())
+        out.append(CRLF)
+        self.client.write(b"".join(out))
+
+    cdef void response_body(self, bytes data) except *:
+        cdef ClientConnection client = self.client
+        if self.frame == FRAME_CHUNKED:
+            client.write(chunk_header(len(data)))
+            client.write(data)
+            client.write(CRLF)
+        elif self.frame != FRAME_NONE:
+            client.write(data)
+
+    cdef void response_complete(self) except *:
+        if self.frame == FRAME_CHUNKED:
+            self.client.write(LAST_CHUNK)
+        if self.upstream_time < 0 and self.upstream_start > 0:
+            self.upstream_time = monotonic() - self.upstream_start
+        self.response_done = True
+        self.client.exchange_done(self)
+
+
+cdef class ClientConnection:
+    cdef WorkerCore core
+    cdef object transport
+    cdef object parser
+    cdef bytes addr
+    cdef Exchange current        # the exchange being answered
+    cdef Exchange parsing        # the exchange whose request is being read
+    cdef object queue            # exchanges read ahead of their turn (pipelining)
+    cdef list out                # bytes for the client not yet written
+    cdef UpstreamConnection tunnel
+    cdef list tunnel_pending     # client bytes that followed a websocket upgrade request
+    cdef int paused
+    cdef int requests
+    cdef int timer
+    cdef double deadline
+    cdef Py_ssize_t head_raw
+    cdef bint closing, write_paused, parse_failed, upgraded
+
+    def __init__(self, WorkerCore core):
+        self.core = core
+        self.parser = HttpRequestParser(self)
+
+    # -- asyncio protocol -------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.addr = (<str>peer[0]).encode() if peer else b"-"
+        self.core.clients.add(self)
+        self.core.metrics.connection_opened()
+        self.set_timer(TIMER_IDLE, self.core.client_header_timeout)
+
+    def data_received(self, bytes data):
+        try:
+            self.receive(data)
+        except Exception as exc:
+            self.internal_error(exc)
+
+    cdef void receive(self, bytes data) except *:
+        cdef Exchange ex
+        if self.tunnel is not None:
+            self.tunnel.send(data)
+            return
+        if self.upgraded:
+            if self.tunnel_pending is not None:
+                self.tunnel_pending.append(data)
+            return
+        if self.closing or self.parse_failed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.upgrade_requested(data[exc.args[0]:])
+        except HttpParserError as exc:
+            self.parse_error(exc)
+        ex = self.parsing
+        if ex is not None and not ex.head_done and not self.parse_failed:
+            self.head_raw += len(data)
+            if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
+                ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
+        ex = self.current
+        if ex is not None:
+            ex.flush_upstream()
+        self.flush()
+
+    def eof_received(self):
+        if self.tunnel is not None:
+            self.tunnel.close()
+            return False
+        if self.current is not None and self.current.request_done and not self.current.response_done:
+            self.current.close_after = True
+            return True  # the client half-closed after its request: answer, then close
+        return False
+
+    def connection_lost(self, exc):
+        cdef Exchange ex = self.current
+        self.closing = True
+        self.core.clients.discard(self)
+        self.core.metrics.connection_closed()
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+            return
+        if ex is not None and not ex.response_done:
+            ex.aborted = True
+            if ex.upstream is not None:
+                ex.upstream.close()
+                ex.upstream = None
+            ex.status = 499  # nginx's code for "client closed the connection first"
+            self.record(ex)
+        self.current = None
+        self.parsing = None
+        self.queue = None
+        self.core.connection_gone()
+
+    def pause_writing(self):
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause()
+        elif self.current is not None and self.current.upstream is not None:
+            self.current.upstream.pause()
+        self.set_timer(TIMER_SEND, self.core.send_timeout)
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume()
+        elif self.current is not None and self.current.upstream is not None:
+            self.current.upstream.resume()
+        if self.timer == TIMER_SEND:
+            self.set_timer(TIMER_NONE, 0)
+
+    # -- httptools callbacks ----------------------------------------------------
+
+    def on_message_begin(self):
+        cdef Exchange ex = Exchange.new(self)
+        self.parsing = ex
+        self.head_raw = 0
+        if self.current is None:
+            self.current = ex
+            self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(ex)
+
+    def on_url(self, bytes url):
+        cdef Exchange ex = self.parsing
+        ex.url = url if ex.url is None else ex.url + url
+        if len(ex.url) > self.core.max_uri_size:
+            ex.fail(414)
+            raise STOP_REQUEST
+
+    def on_header(self, bytes name, bytes value):
+        cdef Exchange ex = self.parsing
+        ex.head_size += len(name) + len(value) + 4
+        if ex.head_size > self.core.max_header_size:
+            ex.fail(431)
+            raise STOP_REQUEST
+        ex.header(name, value)
+
+    def on_headers_complete(self):
+        cdef Exchange ex = self.parsing
+        ex.bytes_in = ex.head_size + len(ex.url if ex.url is not None else b"") + 16
+        ex.head_complete(self.parser)
+        if self.parse_failed:
+            raise STOP_REQUEST
+        if ex is self.current:
+            if ex.content_length != 0 and not ex.local_status:
+                self.set_timer(TIMER_BODY, self.core.client_body_timeout)
+            else:
+                self.set_timer(TIMER_NONE, 0)
+            ex.dispatch()
+
+    def on_body(self, bytes body):
+        cdef Exchange ex = self.parsing
+        ex.body(body)
+        if self.timer == TIMER_BODY:
+            self.deadline = monotonic() + self.core.client_body_timeout
+
+    def on_message_complete(self):
+        cdef Exchange ex = self.parsing
+        self.parsing = None
+        ex.message_complete()
+        if ex is self.current:
+            if self.timer == TIMER_BODY:
+                self.set_timer(TIMER_NONE, 0)
+            if ex.local_status and not ex.response_started:
+                ex.respond_local()
+        else:
+            self.pause_reading(PAUSE_PIPELINE)
+
+    # -- flow -------------------------------------------------------------------
+
+    cdef void write(self, bytes data) except *:
+        if self.current is not None:
+            self.current.bytes_out += len(data)
+        if self.out is None:
+            self.out = [data]
+        else:
+            self.out.append(data)
+
+    cdef void flush(self) except *:
+        cdef list out = self.out
+        if out is None:
+            return
+        self.out = None
+        if not self.closing or self.transport is not None:
+            self.transport.write(<bytes>out[0] if len(out) == 1 else b"".join(out))
+
+    cdef void pause_reading(self, int reason) except *:
+        if self.paused == 0 and not self.closing:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    cdef void resume_reading(self, int reason) except *:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if self.paused == 0 and not self.closing:
+                self.transport.resume_reading()
+
+    cdef void set_timer(self, int kind, double timeout) except *:
+        self.timer = kind
+        self.deadline = 0 if kind == TIMER_NONE else monotonic() + timeout
+
+    cdef void timed_out(self) except *:
+        cdef int kind = self.timer
+        cdef Exchange ex = self.current
+        self.set_timer(TIMER_NONE, 0)
+        if kind == TIMER_IDLE:
+            self.close()
+        elif (kind == TIMER_HEADER or kind == TIMER_BODY) and ex is not None \
+                and not ex.response_started:
+            ex.fail(408)
+        else:
+            self.abort()
+        self.flush()
+
+    cdef void record(self, Exchange ex) except *:
+        cdef double total = monotonic() - ex.started_at
+        cdef WorkerCore core = self.core
+        core.metrics.request_done(ex.route.metric_id if ex.route is not None else -1,
+                                  ex.status, total, ex.bytes_in, ex.bytes_out)
+        if core.access_log is not None:
+            core.access_log.write(ex, self.addr, ex.status, total)
+
+    cdef void exchange_done(self, Exchange ex) except *:
+        """The response to `ex` is complete: log it, then go on to the next request."""
+        cdef Exchange nxt
+        self.record(ex)
+        if ex.upstream is not None:  # answered before the upstream did (413, early error)
+            ex.upstream.close()
+            ex.upstream = None
+        self.requests += 1
+        self.current = None
+        if ex.close_after or self.closing:
+            self.close()
+            return
+        if self.queue:
+            self.current = <Exchange>self.queue.popleft()
+        if not self.queue:
+            self.resume_reading(PAUSE_PIPELINE)
+        nxt = self.current
+        if nxt is None:
+            self.set_timer(TIMER_IDLE, self.core.keepalive_timeout)
+        elif nxt.head_done:
+            self.set_timer(TIMER_NONE if nxt.request_done else TIMER_BODY,
+                           self.core.client_body_timeout)
+            nxt.dispatch()
+        else:
+            self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
+
+    cdef void refuse(self, Exchange ex) except *:
+        """A request we will not read further: the parser's state can no longer be trusted,
+        so nothing after it is read and the connection closes after the answer."""
+        self.parse_failed = True
+        if ex.request_id is None:
+            ex.request_id = self.core.ids.next()
+        if ex.response_started:
+            self.abort()
+        elif ex is self.current:
+            ex.respond_local()
+        else:
+            ex.request_done = True
+            ex.head_done = True  # answered when its turn comes
+
+    cdef void parse_error(self, exc) except *:
+        cdef Exchange ex
+        if self.parse_failed or self.closing:
+            return  # already answered from a callback
+        ex = self.parsing
+        if ex is None:
+            ex = Exchange.new(self)
+            if self.current is None:
+                self.current = ex
+            else:
+                if self.queue is None:
+                    self.queue = deque()
+                self.queue.append(ex)
+        if isinstance(exc, HttpParserCallbackError) and not isinstance(exc.__context__, _StopRequest):
+            self.core.report_error(exc.__context__)
+            ex.fail(500)
+        else:
+            ex.fail(400)
+
+    cdef void upgrade_requested(self, bytes rest) except *:
+        """httptools stopped after a request with Connection: upgrade. Only websocket
+        becomes a tunnel; for any other protocol the request is answered as plain HTTP
+        and the connection closed, so nothing can tunnel past the proxy's rules."""
+        cdef Exchange ex = self.queue[len(self.queue) - 1] if self.queue else self.current
+        self.upgraded = True
+        if ex is not None and ex.upgrading and not ex.local_status:
+            self.tunnel_pending = [rest] if rest else []
+        elif ex is not None:
+            ex.close_after = True
+
+    cdef void start_tunnel(self, UpstreamConnection conn, bytes rest) except *:
+        cdef Exchange ex = self.current
+        cdef list pending = self.tunnel_pending
+        self.tunnel = conn
+        self.tunnel_pending = None
+        self.set_timer(TIMER_NONE, 0)
+        ex.response_done = True
+        self.record(ex)
+        if rest:
+            self.write(rest)
+        self.flush()
+        if pending:
+            conn.send(b"".join(pending))
+
+    cdef void internal_error(self, exc) except *:
+        """A bug must cost one request, never the worker: 500 if we still can, else close."""
+        cdef Exchange ex = self.current
+        self.core.report_error(exc)
+        if ex is None or ex.response_started or self.closing:
+            self.abort()
+            return
+        if ex.upstream is not None:
+            ex.upstream.close()
+            ex.upstream = None
+        ex.local_status = 500
+        ex.close_after = True
+        self.out = None
+        try:
+            ex.respond_local()
+            self.flush()
+        except Exception:
+            self.abort()
+
+    cdef void tunnel_to_client(self, bytes data) except *:
+        self.transport.write(data)
+
+    cdef void drain(self) except *:
+        """The worker is draining: an idle connection is closed at its idle deadline or
+        the drain deadline, whichever is first; a busy one closes after its response."""
+        if self.current is None and self.tunnel is None and self.timer == TIMER_IDLE:
+            self.deadline = min(self.deadline, self.core.drain_deadline)
+
+    cdef void close(self) except *:
+        if not self.closing:
+            self.closing = True
+            self.flush()
+            self.transport.close()
+
+    cdef void close_now(self) except *:
+        self.flush()
+        self.closing = True
+        self.transport.close()
+
+    cdef void abort(self) except *:
+        self.closing = True
+        self.out = None
+        self.transport.abort()

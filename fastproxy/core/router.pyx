@@ -1,0 +1,104 @@
+# Route matching. Routes are ranked once per reload (Router.__init__); matching is a
+# short scan in rank order where the first full match wins.
+
+cdef enum:
+    HANDLER_PROXY = 1
+    HANDLER_RESPOND = 2
+
+
+cdef class CompiledRoute:
+    cdef readonly str name
+    cdef int metric_id
+    cdef int handler
+    cdef readonly tuple hosts          # exact lower-case hosts
+    cdef readonly tuple host_suffixes  # ".example.com" for "*.example.com"
+    cdef readonly bytes path
+    cdef readonly bytes prefix
+    cdef readonly tuple methods
+    cdef bytes allow_value    # "GET, HEAD" for 405 answers
+    cdef UpstreamPool pool
+    cdef bytes respond_head   # status line and fixed headers, pre-encoded
+    cdef bytes respond_body
+    cdef int respond_status
+    cdef Py_ssize_t max_body_size
+    cdef Py_ssize_t max_header_size
+    cdef tuple phases
+
+    cdef bint host_matches(self, bytes host):
+        cdef bytes suffix
+        if not self.hosts and not self.host_suffixes:
+            return True
+        if host in self.hosts:
+            return True
+        for suffix in self.host_suffixes:
+            if host.endswith(suffix) and len(host) > len(suffix):
+                return True
+        return False
+
+    cdef bint path_matches(self, bytes path):
+        if self.path is not None:
+            return path == self.path
+        if self.prefix is not None:
+            return path.startswith(self.prefix)
+        return True
+
+
+def _rank(route):
+    """Sort key: host first, then exact path, then prefix length, then methods."""
+    compiled, index = route
+    return (
+        -(1 if (compiled.hosts or compiled.host_suffixes) else 0),
+        -(1 if compiled.path is not None else 0),
+        -(len(compiled.prefix) if compiled.prefix is not None else 0),
+        -(1 if compiled.methods else 0),
+        index,
+    )
+
+
+cdef class Router:
+    cdef tuple ranked
+    cdef bint uses_hosts
+
+    def __init__(self, routes):
+        self.ranked = tuple(r for r, _ in sorted(((r, i) for i, r in enumerate(routes)), key=_rank))
+        self.uses_hosts = any(r.hosts or r.host_suffixes for r in routes)
+
+    cdef CompiledRoute match(self, bytes host, bytes path, bytes method, list allowed):
+        """The best route, or None. When only methods kept routes out, their methods
+        are added to `allowed` so the caller can answer 405 with Allow."""
+        cdef CompiledRoute route
+        for route in self.ranked:
+            if self.uses_hosts and not route.host_matches(host):
+                continue
+            if not route.path_matches(path):
+                continue
+            if route.methods and method not in route.methods:
+                allowed.extend(route.methods)
+                continue
+            return route
+        return None
+
+
+cdef bytes normalize_host(bytes host):
+    """Host header value → lower case without port (once per request, only when routes use hosts)."""
+    cdef Py_ssize_t i
+    if host.startswith(b"["):
+        i = host.find(b"]")
+        return host[:i + 1].lower() if i > 0 else host.lower()
+    i = host.rfind(b":")
+    if i >= 0:
+        host = host[:i]
+    return host.lower()
+
+
+cdef inline bint has_dot_segment(bytes path) noexcept:
+    """"/a/../b" and "/./" are refused: upstreams would resolve them differently from our prefix match."""
+    cdef const char *p = PyBytes_AS_STRING(path)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(path), i
+    for i in range(n):
+        if p[i] == b'/' and i + 1 < n and p[i + 1] == b'.':
+            if i + 2 == n or p[i + 2] == b'/':
+                return True
+            if p[i + 2] == b'.' and (i + 3 == n or p[i + 3] == b'/'):
+                return True
+    return False

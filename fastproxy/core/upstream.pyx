@@ -1,0 +1,426 @@
+# Upstream side: a pool of kept-alive connections per upstream (per worker) and the
+# protocol that parses an upstream's response and relays it to the client.
+
+cdef enum:
+    UP_CONNECTING = 1
+    UP_BUSY = 2
+    UP_IDLE = 3
+    UP_CLOSED = 4
+    UP_TUNNEL = 5
+
+
+class _StopResponse(Exception):
+    """Raised from on_headers_complete of a HEAD response: httptools has no way to say
+    'this response has no body', so parsing stops and the parser is replaced."""
+
+
+cdef object STOP_RESPONSE = _StopResponse()
+
+
+cdef class UpstreamPool:
+    cdef WorkerCore core
+    cdef readonly str name
+    cdef int metric_id
+    cdef tuple hosts        # str per server
+    cdef tuple ports        # int per server
+    cdef tuple addr_bytes   # b"host:port" per server, for logs
+    cdef list idle          # per server: list of idle UpstreamConnection (LIFO)
+    cdef int next_server
+    cdef int keepalive
+    cdef int idle_count
+    cdef double keepalive_timeout, connect_timeout, read_timeout, send_timeout
+
+    def __init__(self, WorkerCore core, upstream, int metric_id):
+        self.core = core
+        self.name = upstream.name
+        self.metric_id = metric_id
+        self.hosts = tuple(s.host for s in upstream.servers)
+        self.ports = tuple(s.port for s in upstream.servers)
+        self.addr_bytes = tuple(str(s).encode() for s in upstream.servers)
+        self.idle = [[] for _ in upstream.servers]
+        self.next_server = 0
+        self.keepalive = upstream.keepalive
+        self.idle_count = 0
+        self.keepalive_timeout = upstream.keepalive_timeout
+        self.connect_timeout = upstream.connect_timeout
+        self.read_timeout = upstream.read_timeout
+        self.send_timeout = upstream.send_timeout
+
+    cdef void acquire(self, Exchange ex, bint fresh) except *:
+        """Attach a connection to `ex`: an idle one to the next server in round-robin
+        order if there is one, else a new connection."""
+        cdef int n = len(self.hosts)
+        cdef int server = self.next_server
+        cdef list idle
+        cdef UpstreamConnection conn
+        self.next_server = (server + 1) % n
+        if not fresh:
+            idle = <list>self.idle[server]
+            while idle:
+                conn = <UpstreamConnection>idle.pop()
+                self.idle_count -= 1
+                if conn.state == UP_IDLE:
+                    conn.attach(ex)
+                    ex.upstream_ready(conn)
+                    return
+        self.connect(ex, server, n)
+
+    cdef void connect(self, Exchange ex, int server, int attempts_left) except *:
+        cdef UpstreamConnection conn = UpstreamConnection(self, server)
+        conn.attach(ex)
+        conn.state = UP_CONNECTING
+        conn.attempts_left = attempts_left - 1
+        conn.connect_task = self.core.loop.create_task(self.core.loop.create_connection(
+            conn._protocol, self.hosts[server], self.ports[server]))
+        conn.connect_task.add_done_callback(conn._connect_done)
+        conn.deadline = monotonic() + self.connect_timeout
+        self.core.upstreams.add(conn)
+
+    cdef void release(self, UpstreamConnection conn) except *:
+        """Back to the idle list after a complete exchange, or closed if the pool is full."""
+        conn.exchange = None
+        if self.idle_count >= self.keepalive or self.core.draining:
+            conn.close()
+            return
+        conn.state = UP_IDLE
+        conn.deadline = monotonic() + self.keepalive_timeout
+        (<list>self.idle[conn.server]).append(conn)
+        self.idle_count += 1
+
+    cdef void forget_idle(self, UpstreamConnection conn) except *:
+        cdef list idle = <list>self.idle[conn.server]
+        if conn in idle:
+            idle.remove(conn)
+            self.idle_count -= 1
+
+    cdef void expire_idle(self, double now) except *:
+        cdef list idle
+        cdef UpstreamConnection conn
+        for idle in self.idle:
+            for conn in list(idle):
+                if conn.deadline <= now or self.core.draining:
+                    conn.close()
+
+    cdef void close_all(self) except *:
+        cdef list idle
+        cdef UpstreamConnection conn
+        for idle in self.idle:
+            for conn in list(idle):
+                conn.close()
+
+
+cdef class UpstreamConnection:
+    cdef UpstreamPool pool
+    cdef int server
+    cdef int state
+    cdef int attempts_left
+    cdef object transport
+    cdef object parser
+    cdef object connect_task
+    cdef Exchange exchange
+    cdef double deadline
+    cdef int requests            # exchanges completed on this connection
+    cdef bint got_bytes          # any response byte for the current exchange
+    cdef bint informational      # parsing a 1xx that is not relayed
+    cdef bint resp_keep_alive
+    cdef bint read_paused
+    # the response being parsed
+    cdef list resp_headers
+    cdef bytes resp_length
+    cdef bytes resp_server
+    cdef list resp_conn_tokens
+    cdef bytes resp_upgrade
+    cdef bint resp_has_date
+    cdef bint resp_chunked
+
+    def __init__(self, UpstreamPool pool, int server):
+        self.pool = pool
+        self.server = server
+        self.parser = HttpResponseParser(self)
+
+    def _protocol(self):
+        return self
+
+    def _connect_done(self, task):
+        try:
+            self.connect_done(task)
+        except Exception as exc:
+            self.internal_error(exc)
+
+    cdef void connect_done(self, object task) except *:
+        self.connect_task = None
+        if self.state == UP_CLOSED:
+            return  # closed on purpose (its client left) while connecting
+        if task.cancelled():
+            self.connect_failed(UPSTREAM_TIMEOUT)
+        elif task.exception() is not None:
+            self.connect_failed(UPSTREAM_CONNECT)
+
+    cdef void connect_failed(self, int kind) except *:
+        cdef Exchange ex = self.exchange
+        self.state = UP_CLOSED
+        self.pool.core.upstreams.discard(self)
+        self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
+        self.exchange = None
+        if ex is None or ex.aborted:
+            return
+        ex.upstream = None
+        if kind == UPSTREAM_CONNECT and self.attempts_left > 0:
+            # nothing was sent yet, so any method can go to the next server
+            self.pool.connect(ex, (self.server + 1) % len(self.pool.hosts), self.attempts_left)
+            return
+        ex.upstream_failed(504 if kind == UPSTREAM_TIMEOUT else 502)
+
+    cdef void attach(self, Exchange ex) except *:
+        self.exchange = ex
+        ex.upstream = self
+        ex.upstream_addr = <bytes>self.pool.addr_bytes[self.server]
+        self.got_bytes = False
+        self.resp_headers = []
+        self.resp_length = None
+        self.resp_server = None
+        self.resp_conn_tokens = None
+        self.resp_upgrade = None
+        self.resp_has_date = False
+        self.resp_chunked = False
+        if self.state == UP_IDLE:
+            self.state = UP_BUSY
+            self.pool.core.upstreams.add(self)
+
+    # -- asyncio protocol -------------------------------------------------------
+
+    cdef void internal_error(self, exc) except *:
+        cdef Exchange ex = self.exchange
+        self.close()
+        if ex is not None:
+            ex.client.internal_error(exc)
+        else:
+            self.pool.core.report_error(exc)
+
+    def connection_made(self, transport):
+        try:
+            self.made(transport)
+        except Exception as exc:
+            self.internal_error(exc)
+
+    cdef void made(self, object transport) except *:
+        self.transport = transport
+        self.state = UP_BUSY
+        self.deadline = 0
+        if self.exchange is None or self.exchange.aborted:
+            self.exchange = None
+            self.pool.core.upstreams.discard(self)
+            self.pool.release(self)  # connected for a client that left: keep it for the next
+            return
+        self.exchange.upstream_ready(self)
+
+    def data_received(self, bytes data):
+        try:
+            self.receive(data)
+        except Exception as exc:
+            self.internal_error(exc)
+
+    cdef void receive(self, bytes data) except *:
+        cdef Exchange ex = self.exchange
+        if ex is None or self.state != UP_BUSY:
+            if self.state == UP_TUNNEL and ex is not None:
+                ex.client.tunnel_to_client(data)
+                return
+            self.close()  # bytes nobody asked for: the connection cannot be trusted
+            return
+        self.got_bytes = True
+        if not self.read_paused:
+            self.deadline = monotonic() + self.pool.read_timeout
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.upgraded(data[exc.args[0]:])
+        except _StopResponse:
+            self.parser = HttpResponseParser(self)
+            self.response_complete()
+        except HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _StopResponse):
+                self.parser = HttpResponseParser(self)
+                self.response_complete()
+            else:
+                self.internal_error(exc.__context__)
+        except HttpParserError:
+            self.protocol_error()
+        if self.exchange is not None:
+            self.exchange.client.flush()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        try:
+            self.lost()
+        except Exception as error:
+            self.internal_error(error)
+
+    cdef void lost(self) except *:
+        cdef Exchange ex = self.exchange
+        cdef int previous = self.state
+        self.state = UP_CLOSED
+        self.pool.core.upstreams.discard(self)
+        if previous == UP_IDLE:
+            self.pool.forget_idle(self)
+            return
+        self.exchange = None
+        if ex is None or ex.aborted:
+            return
+        if previous == UP_TUNNEL:
+            ex.client.close_now()
+            return
+        ex.upstream = None
+        if ex.response_started:
+            if self.resp_length is None and not self.resp_chunked:
+                # a body with neither length nor chunking ends when the upstream closes
+                ex.response_complete()
+            else:
+                self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+                ex.client.abort()
+            return
+        self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+        if not self.got_bytes and self.requests > 0 and ex.can_retry():
+            # a kept-alive connection the upstream closed as we reused it: the request
+            # never reached it, so send it again on a new connection
+            ex.retried = True
+            self.pool.acquire(ex, True)
+            return
+        ex.upstream_failed(502)
+
+    def pause_writing(self):
+        if self.exchange is not None:
+            self.exchange.client.pause_reading(PAUSE_UPSTREAM_FULL)
+            self.deadline = monotonic() + self.pool.send_timeout
+
+    def resume_writing(self):
+        if self.exchange is not None:
+            self.exchange.client.resume_reading(PAUSE_UPSTREAM_FULL)
+            self.deadline = 0 if not self.exchange.request_done else monotonic() + self.pool.read_timeout
+
+    # -- httptools callbacks ----------------------------------------------------
+
+    def on_header(self, bytes name, bytes value):
+        if self.informational:
+            return
+        cdef int kind = header_kind(name)
+        if kind == H_OTHER:
+            self.resp_headers.append((name, value))
+        elif kind == H_CONTENT_LENGTH:
+            self.resp_length = value
+        elif kind == H_DATE:
+            self.resp_has_date = True
+            self.resp_headers.append((name, value))
+        elif kind == H_SERVER:
+            self.resp_server = value
+        elif kind == H_CONNECTION:
+            self.resp_conn_tokens = connection_tokens(value)
+        elif kind == H_UPGRADE:
+            self.resp_upgrade = value
+        elif kind == H_TRANSFER_ENCODING:
+            self.resp_chunked = ends_with_chunked(value)
+        elif not is_hop_by_hop(kind) and kind != H_X_REQUEST_ID:
+            self.resp_headers.append((name, value))
+
+    def on_headers_complete(self):
+        cdef int status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            self.informational = True  # 100/102/103: not relayed (we answer 100 ourselves)
+            return
+        self.resp_keep_alive = self.parser.should_keep_alive()
+        self.exchange.response_head(self, status)
+        if self.exchange.is_head:
+            raise STOP_RESPONSE
+
+    def on_body(self, bytes body):
+        self.exchange.response_body(body)
+
+    def on_message_complete(self):
+        if self.informational:
+            self.informational = False
+            self.resp_headers = []
+            return
+        self.response_complete()
+
+    # -- helpers ----------------------------------------------------------------
+
+    cdef void response_complete(self) except *:
+        cdef Exchange ex = self.exchange
+        cdef bint reusable = self.resp_keep_alive and ex.request_done and not ex.upgrading
+        self.requests += 1
+        self.deadline = 0
+        self.pool.core.upstreams.discard(self)
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.exchange = None
+            self.close()
+        ex.upstream = None
+        ex.response_complete()
+
+    cdef void protocol_error(self) except *:
+        cdef Exchange ex = self.exchange
+        self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+        self.exchange = None
+        self.close()
+        if ex is None:
+            return
+        ex.upstream = None
+        if ex.response_started:
+            ex.client.abort()
+        else:
+            ex.upstream_failed(502)
+
+    cdef void upgraded(self, bytes rest) except *:
+        """The upstream answered 101: from here on both sides are an opaque tunnel."""
+        cdef Exchange ex = self.exchange
+        self.state = UP_TUNNEL
+        self.deadline = 0
+        self.pool.core.upstreams.discard(self)
+        ex.client.start_tunnel(self, rest)
+
+    cdef void send(self, bytes data) except *:
+        self.transport.write(data)
+
+    cdef void pause(self) except *:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.deadline = 0
+            self.transport.pause_reading()
+
+    cdef void resume(self) except *:
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            if self.state == UP_BUSY:
+                self.deadline = monotonic() + self.pool.read_timeout
+            self.transport.resume_reading()
+
+    cdef void timed_out(self) except *:
+        cdef Exchange ex = self.exchange
+        cdef int kind = UPSTREAM_TIMEOUT
+        if self.state == UP_CONNECTING:
+            if self.connect_task is not None:
+                self.connect_task.cancel()  # _connect_done reports the timeout
+            return
+        self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
+        self.exchange = None
+        self.close()
+        if ex is None:
+            return
+        ex.upstream = None
+        if ex.response_started:
+            ex.client.abort()
+        else:
+            ex.upstream_failed(504)
+
+    cdef void close(self) except *:
+        if self.state == UP_IDLE:
+            self.pool.forget_idle(self)
+        self.state = UP_CLOSED
+        self.pool.core.upstreams.discard(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,114 @@
+"""A worker process, from fork to exit: signals, event loop, servers, drain.
+
+Runs once per worker; the per-request work happens in fastproxy._core.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from setproctitle import setproctitle
+
+from fastproxy import _core
+from fastproxy.admin import start_admin
+from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, worker_title
+
+log = logging.getLogger("fastproxy.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_master(master_pid: int) -> None:
+    """Ask the kernel for SIGQUIT when the master dies, so no worker outlives it holding
+    the port; a master that died before this call is caught by the ppid check."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
+    if os.getppid() != master_pid:
+        sys.exit(0)
+
+
+class Worker:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.loop = None
+        self.core = None
+        self.servers = []
+        self.admin = None
+        self.draining = False
+
+    def boot(self) -> None:
+        ctx = self.ctx
+        runtime = ctx.runtime
+        setproctitle(worker_title(ctx.slot, ctx.generation))
+        _exit_with_master(ctx.master_pid)
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.core = _core.WorkerCore(
+            self.loop, runtime, ctx.route_ids, ctx.upstream_ids, ctx.region.buffer,
+            ctx.counter_slot, self.loop.stop, log)
+        for listener, sock in zip(runtime.listeners, ctx.listen_sockets):
+            self.servers.append(self.loop.run_until_complete(
+                self.loop.create_server(self.core.protocol_factory, sock=sock,
+                                        backlog=listener.backlog)))
+        if ctx.admin_socket is not None:
+            self.admin = self.loop.run_until_complete(
+                start_admin(self.loop, ctx.admin_socket, ctx.region))
+        self.loop.add_signal_handler(signal.SIGQUIT, self.drain)
+        self.loop.add_signal_handler(signal.SIGTERM, self.stop)
+        self.loop.add_signal_handler(signal.SIGINT, self.stop)
+        self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # only the master reloads
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        self.core.start()
+
+    def announce_ready(self) -> None:
+        if self.ctx.ready_fd >= 0:
+            os.write(self.ctx.ready_fd, b"1")
+            os.close(self.ctx.ready_fd)
+
+    def drain(self) -> None:
+        """QUIT: stop accepting at once, finish in-flight work, then exit."""
+        if self.draining:
+            return
+        self.draining = True
+        setproctitle(worker_title(self.ctx.slot, self.ctx.generation, draining=True))
+        for server in self.servers:
+            server.close()  # closes this process's copy only: the master keeps the socket
+        if self.admin is not None:
+            self.admin.close()
+        self.core.drain(self.ctx.runtime.main.shutdown_timeout)
+
+    def stop(self) -> None:
+        """TERM/INT: exit now."""
+        self.core.flush_logs()
+        self.loop.stop()
+
+    def reopen_logs(self) -> None:
+        from fastproxy.log import reopen_error_log
+
+        reopen_error_log()
+        try:
+            self.core.reopen_logs()
+        except OSError as e:
+            log.error("cannot reopen the access log: %s", e)
+
+
+def run(ctx: WorkerContext) -> None:
+    """Serve until told to stop; leaves through SystemExit (the master's fork wrapper
+    turns its code into the process exit status)."""
+    worker = Worker(ctx)
+    try:
+        worker.boot()
+    except Exception:
+        log.exception("worker #%d failed to start", ctx.slot)
+        sys.exit(WORKER_BOOT_ERROR)
+    worker.announce_ready()
+    worker.loop.run_forever()
+    worker.core.flush_logs()
+    sys.exit(0)
