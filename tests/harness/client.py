@@ -90,11 +90,13 @@ class RawClient:
         self.eof = False
 
     # -- sending -----------------------------------------------------------------
-    def send(self, data: bytes, mode: str = "whole", rng: Optional[random.Random] = None) -> bool:
+    def send(self, data: bytes, mode: str = "whole", rng: Optional[random.Random] = None,
+             stop_on_answer: bool = False) -> bool:
         """Send data "whole", "bytewise" or in "random" splits.
 
-        Returns False if the server answered or closed before everything was sent
-        (the rest is then not sent)."""
+        With stop_on_answer, sending stops as soon as the server has answered (a
+        server rejecting a request may close while we still send). Returns False if
+        not everything was sent."""
         if mode == "whole":
             pieces = [data]
         elif mode == "bytewise":
@@ -105,7 +107,7 @@ class RawClient:
         else:
             raise ValueError(mode)
         for piece in pieces:
-            if len(pieces) > 1 and select.select([self.sock], [], [], 0)[0]:
+            if stop_on_answer and len(pieces) > 1 and select.select([self.sock], [], [], 0)[0]:
                 return False
             try:
                 self.sock.sendall(piece)
