@@ -112,9 +112,11 @@ cdef class AccessLog:
     cdef void write(self, Exchange ex, bytes client_addr, int status, double total) except *:
         cdef bytes up_addr = ex.upstream_addr if ex.upstream_addr is not None else b"-"
         cdef bytes up_time = seconds3(ex.upstream_time)
+        cdef bytes method = ex.method if ex.method is not None else b"-"
+        cdef bytes url = ex.url if ex.url is not None else b"-"
         if self.fmt == LOG_COMBINED:
             self.buf += b'%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" "%s" %s %s %s\n' % (
-                client_addr, self.time_local, escape_combined(ex.method), escape_combined(ex.url),
+                client_addr, self.time_local, escape_combined(method), escape_combined(url),
                 b"1.1" if ex.http11 else b"1.0", status, ex.bytes_out,
                 escape_combined(ex.referer) if ex.referer is not None else b"-",
                 escape_combined(ex.user_agent) if ex.user_agent is not None else b"-",
@@ -125,8 +127,8 @@ cdef class AccessLog:
                 b'"protocol":"HTTP/%s","status":%d,"bytes_sent":%d,"bytes_received":%d,'
                 b'"referer":"%s","user_agent":"%s","route":"%s","upstream_addr":"%s",'
                 b'"upstream_time":%s,"request_time":%s}\n') % (
-                self.time_iso, client_addr, ex.request_id, escape_json(ex.method),
-                escape_json(ex.url), b"1.1" if ex.http11 else b"1.0", status, ex.bytes_out,
+                self.time_iso, client_addr, ex.request_id, escape_json(method),
+                escape_json(url), b"1.1" if ex.http11 else b"1.0", status, ex.bytes_out,
                 ex.bytes_in, escape_json(ex.referer) if ex.referer is not None else b"",
                 escape_json(ex.user_agent) if ex.user_agent is not None else b"",
                 ex.route.name.encode() if ex.route is not None else b"",

@@ -193,6 +193,21 @@ cdef inline bint valid_request_id(bytes value) noexcept:
     return True
 
 
+cdef inline bint valid_host(bytes value) noexcept:
+    """RFC 3986 host[:port] characters only (no spaces, controls, '/', '@', ...)."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if not (b'a' <= c <= b'z' or b'A' <= c <= b'Z' or b'0' <= c <= b'9' or c == b'-'
+                or c == b'.' or c == b':' or c == b'[' or c == b']' or c == b'_' or c == b'~'
+                or c == b'%' or c == b'!' or c == b'$' or c == b'&' or c == b"'" or c == b'('
+                or c == b')' or c == b'*' or c == b'+' or c == b',' or c == b';' or c == b'='):
+            return False
+    return True
+
+
 ERROR_NAMES = {
     400: "bad request", 404: "not found", 405: "method not allowed", 408: "request timeout",
     413: "content too large", 414: "uri too long", 417: "expectation failed",

@@ -147,6 +147,9 @@ cdef class Exchange:
             return
         if self.host is None:
             self.host = b""
+        elif not valid_host(self.host):
+            self.fail(400)
+            return
         q = self.url.find(b"?")
         self.path = self.url if q < 0 else self.url[:q]
         if not self.path.startswith(b"/"):
@@ -411,8 +414,6 @@ cdef class Exchange:
             out.append(conn.resp_upgrade if conn.resp_upgrade is not None else b"websocket")
             out.append(CRLF)
         else:
-            if self.upgrading:
-                self.close_after = True  # the client's parser is past an upgrade request
             if self.frame == FRAME_CHUNKED:
                 out.append(CHUNKED_LINE)
             out.append(self.connection_line())
@@ -667,6 +668,7 @@ cdef class ClientConnection:
         """The response to `ex` is complete: log it, then go on to the next request."""
         cdef Exchange nxt
         self.record(ex)
+        self.flush()
         if ex.upstream is not None:  # answered before the upstream did (413, early error)
             ex.upstream.close()
             ex.upstream = None
@@ -675,6 +677,13 @@ cdef class ClientConnection:
         if ex.close_after or self.closing:
             self.close()
             return
+        if self.upgraded:
+            # the upstream declined the upgrade: the held bytes are plain HTTP after all
+            self.upgraded = False
+            pending, self.tunnel_pending = self.tunnel_pending, None
+            if pending:
+                self.receive(b"".join(pending))
+                return
         if self.queue:
             self.current = <Exchange>self.queue.popleft()
         if not self.queue:
@@ -727,11 +736,11 @@ cdef class ClientConnection:
         becomes a tunnel; for any other protocol the request is answered as plain HTTP
         and the connection closed, so nothing can tunnel past the proxy's rules."""
         cdef Exchange ex = self.queue[len(self.queue) - 1] if self.queue else self.current
-        self.upgraded = True
         if ex is not None and ex.upgrading and not ex.local_status:
+            self.upgraded = True  # hold what follows until the upstream accepts or declines
             self.tunnel_pending = [rest] if rest else []
-        elif ex is not None:
-            ex.close_after = True
+        elif rest:
+            self.receive(rest)  # httptools has resumed: what follows is plain HTTP again
 
     cdef void start_tunnel(self, UpstreamConnection conn, bytes rest) except *:
         cdef Exchange ex = self.current

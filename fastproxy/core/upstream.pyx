@@ -122,6 +122,7 @@ cdef class UpstreamConnection:
     cdef int requests            # exchanges completed on this connection
     cdef bint got_bytes          # any response byte for the current exchange
     cdef bint informational      # parsing a 1xx that is not relayed
+    cdef bint switching          # a 101: the connection becomes a tunnel
     cdef bint resp_keep_alive
     cdef bint read_paused
     # the response being parsed
@@ -222,12 +223,14 @@ cdef class UpstreamConnection:
 
     cdef void receive(self, bytes data) except *:
         cdef Exchange ex = self.exchange
+        cdef ClientConnection client
         if ex is None or self.state != UP_BUSY:
             if self.state == UP_TUNNEL and ex is not None:
                 ex.client.tunnel_to_client(data)
                 return
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
+        client = ex.client
         self.got_bytes = True
         if not self.read_paused:
             self.deadline = monotonic() + self.pool.read_timeout
@@ -246,8 +249,7 @@ cdef class UpstreamConnection:
                 self.internal_error(exc.__context__)
         except HttpParserError:
             self.protocol_error()
-        if self.exchange is not None:
-            self.exchange.client.flush()
+        client.flush()  # one write for everything this read produced
 
     def eof_received(self):
         return False
@@ -330,6 +332,7 @@ cdef class UpstreamConnection:
             self.informational = True  # 100/102/103: not relayed (we answer 100 ourselves)
             return
         self.resp_keep_alive = self.parser.should_keep_alive()
+        self.switching = status == 101
         self.exchange.response_head(self, status)
         if self.exchange.is_head:
             raise STOP_RESPONSE
@@ -338,6 +341,8 @@ cdef class UpstreamConnection:
         self.exchange.response_body(body)
 
     def on_message_complete(self):
+        if self.switching:
+            return  # httptools raises HttpParserUpgrade next: see upgraded()
         if self.informational:
             self.informational = False
             self.resp_headers = []
