@@ -213,13 +213,17 @@ def test_client_body_timeout(proxy):
 def test_idle_connection_is_not_a_worker(proxy):
     """Idle and half-sent connections hold sockets, never the worker."""
     idle = [RawClient(proxy.port) for _ in range(20)]
+    # a client that asks for a large body and never reads it
+    not_reading = RawClient(proxy.port)
     try:
         for i, c in enumerate(idle):
             c.send(b"GET /echo HTTP/1.1\r\n" if i % 2 else b"")
+        not_reading.send(build_request("GET", "/bytes?n=%d" % (256 << 20)))
+        time.sleep(0.5)
         for _ in range(10):
             assert_alive(proxy)
     finally:
-        for c in idle:
+        for c in idle + [not_reading]:
             c.close()
 
 

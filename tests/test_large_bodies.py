@@ -80,6 +80,7 @@ def test_1gib_download_flat_memory(proxy, gib_crc):
         assert r.status == 200, r
         n, crc = consume_pattern_body(c, r)
     assert n == GIB and crc == gib_crc, (n, crc)
+    print(f"download: worker RSS growth KiB {rss.growth()}")
     assert all(g < MAX_GROWTH_KIB for g in rss.growth().values()), f"worker RSS growth KiB: {rss.growth()}"
 
 
@@ -93,6 +94,7 @@ def test_1gib_upload_flat_memory(proxy, gib_crc):
     assert r.status == 200, r
     echo = r.json()
     assert echo["body_len"] == GIB and echo["body_crc"] == gib_crc, echo
+    print(f"upload: worker RSS growth KiB {rss.growth()}")
     assert all(g < MAX_GROWTH_KIB for g in rss.growth().values()), f"worker RSS growth KiB: {rss.growth()}"
 
 
