@@ -62,32 +62,43 @@ def standin_run(ctx) -> None:
         os._exit(WORKER_BOOT_ERROR)
 
     loop = asyncio.new_event_loop()
-    inflight = set()
-    servers = []
+    inflight = set()  # one task per accepted connection, added in the same callback as accept()
 
-    async def handle(reader, writer, inode):
-        task = asyncio.current_task()
-        inflight.add(task)
+    async def handle(conn, inode):
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await loop.sock_recv(conn, 65536)
+                if not data:
+                    return
+                head += data
             path = head.split(b" ", 2)[1].decode()
             if path.startswith("/slow"):
                 await asyncio.sleep(1.0)
             body = json.dumps({"pid": os.getpid(), "slot": ctx.slot, "generation": ctx.generation,
                                "inode": inode, "path": path}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                         % (len(body), body))
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+            await loop.sock_sendall(conn, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                    % (len(body), body))
+        except ConnectionError:
             pass
         finally:
-            writer.close()
-            inflight.discard(task)
+            conn.close()
+
+    def accept(sock, inode):
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        task = loop.create_task(handle(conn, inode))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
 
     async def drain():
         setproctitle(worker_title(ctx.slot, ctx.generation, draining=True))
-        for server in servers:
-            server.close()  # stop accepting at once
+        for sock in ctx.listen_sockets:
+            loop.remove_reader(sock.fileno())  # stop accepting at once
+            sock.close()  # our copy only: the master keeps the socket
         while inflight:
             await asyncio.sleep(0.01)
         os._exit(0)
@@ -102,9 +113,7 @@ def standin_run(ctx) -> None:
 
     async def main():
         for sock in ctx.listen_sockets:
-            inode = os.fstat(sock.fileno()).st_ino
-            servers.append(await asyncio.start_server(
-                lambda r, w, inode=inode: handle(r, w, inode), sock=sock))
+            loop.add_reader(sock.fileno(), accept, sock, os.fstat(sock.fileno()).st_ino)
         loop.add_signal_handler(signal.SIGQUIT, on_quit)
         loop.add_signal_handler(signal.SIGTERM, os._exit, 0)
         loop.add_signal_handler(signal.SIGINT, os._exit, 0)
@@ -227,8 +236,11 @@ class Master:
         return self.error_log.read_text() if self.error_log.exists() else ""
 
     def wait_log(self, pattern: str, timeout: float = 20) -> str:
-        return wait_until(lambda: re.search(pattern, self.log_text()), timeout,
-                          message=f"{pattern!r} in the error log").group(0)
+        try:
+            return wait_until(lambda: re.search(pattern, self.log_text()), timeout,
+                              message=f"{pattern!r} in the error log").group(0)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.diagnostics()}") from None
 
     def reload(self) -> int:
         """HUP, then wait for a new settled generation; return its number."""
@@ -461,8 +473,11 @@ def test_dead_worker_is_respawned_in_its_slot(make_master):
     m = make_master(workers=2)
     victim, title = next(iter(m.workers().items()))
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: len(m.workers()) == 2 and victim not in m.workers(), 20, message="a respawned worker")
-    assert title in m.workers().values()  # same slot, same generation
+
+    def respawned():
+        workers = m.workers()
+        return len(workers) == 2 and victim not in workers and workers
+    assert title in wait_until(respawned, 20, message="a respawned worker").values()  # same slot and generation
     m.wait_log(rf"worker #\d pid {victim} \(generation 1\) was killed by signal SIGKILL")
 
 
@@ -555,14 +570,14 @@ def test_sd_notify_ready_reloading_stopping(make_master, tmp_path, abstract):
     try:
         m = make_master(workers=2, notify_socket=address)
         ready = next_message()
-        assert ready["READY"] == "1" and ready["MAINPID"] == str(m.pid)
-        assert ready["STATUS"] == "serving, generation 1, 2 workers"
+        assert ready == {"READY": "1", "MAINPID": str(m.pid), "STATUS": "serving, generation 1, 2 workers"}
         m.signal(signal.SIGHUP)
         reloading = next_message()
-        assert reloading["RELOADING"] == "1"
+        assert reloading.keys() == {"RELOADING", "MONOTONIC_USEC", "STATUS"}, (reloading, m.diagnostics())
         assert 0 < int(reloading["MONOTONIC_USEC"]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         ready = next_message()
-        assert ready["READY"] == "1" and ready["STATUS"] == "serving, generation 2, 2 workers"
+        assert ready.get("READY") == "1", (ready, m.diagnostics())
+        assert ready["STATUS"] == "serving, generation 2, 2 workers"
         m.signal(signal.SIGQUIT)
         assert next_message()["STOPPING"] == "1"
         assert m.wait_exit() == 0

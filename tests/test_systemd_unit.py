@@ -33,7 +33,6 @@ def test_unit_has_the_required_directives():
         "Type": "notify",
         "ExecStartPre": f"{INSTALLED} -t -c /etc/fastproxy/fastproxy.toml",
         "ExecStart": f"{INSTALLED} -c /etc/fastproxy/fastproxy.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
         "KillSignal": "SIGQUIT",
         "KillMode": "mixed",
         "LimitNOFILE": "65536",
@@ -51,6 +50,9 @@ def test_unit_has_the_required_directives():
     }
     for key, value in expected.items():
         assert d.get(("Service", key)) == [value], key
+    # Check the file (so `systemctl reload` fails visibly on a broken one), then HUP.
+    assert d[("Service", "ExecReload")] == [f"{INSTALLED} -t -c /etc/fastproxy/fastproxy.toml",
+                                            "/bin/kill -HUP $MAINPID"]
     # A drain takes up to main.shutdown_timeout (30s by default): systemd must wait longer.
     stop = d[("Service", "TimeoutStopSec")][0]
     assert stop.endswith("s") and int(stop[:-1]) > 30

@@ -42,12 +42,6 @@ class Notifier:
     def stopping(self, status: str) -> None:
         self.send("STOPPING=1", f"STATUS={status}")
 
-    def status(self, status: str) -> None:
-        self.send(f"STATUS={status}")
-
-    def fileno(self) -> int:
-        return -1 if self._sock is None else self._sock.fileno()
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
