@@ -66,11 +66,13 @@ def test_valid_corpus(proxy, case, mode):
 @pytest.mark.parametrize("case", corpus.load("invalid"), ids=lambda c: c.name)
 def test_invalid_corpus(proxy, case, mode):
     with RawClient(proxy.port) as c:
-        c.send(case.raw, mode, random.Random(case.name), stop_on_answer=True)
-        r = c.read_response()
-        assert r.status == case.responses[0]["status"], (case.expect["description"], r)
+        # with requests before the bad one, answers to those may come while we still send
+        c.send(case.raw, mode, random.Random(case.name), stop_on_answer=len(case.responses) == 1)
+        for want in case.responses:
+            r = c.read_response()
+            assert r.status == want["status"], (case.expect["description"], r)
         assert_error_body(r, r.status)
-        assert c.is_closed(), "connection should be closed after a 400"
+        assert c.is_closed(), "connection should be closed after a 400 (and nothing after it answered)"
     # the worker lives on
     assert fetch(proxy.port, "GET", "/echo").status == 200
 
