@@ -139,6 +139,12 @@ sys.exit(run_master(sys.argv[1]))
 """
 
 
+def unused_pid() -> int:
+    """A pid no process can have (an exited child's pid could be reused by anyone meanwhile)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read()) + 1
+
+
 def children(pid: int):
     """Live child processes of pid."""
     found = []
@@ -532,9 +538,7 @@ def test_second_master_on_the_same_pid_file_refuses_to_start(make_master):
 
 def test_stale_pid_file_does_not_block_start(make_master):
     m = make_master(start=False, workers=1)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    write_pid_file(str(m.pid_file), dead.pid)
+    write_pid_file(str(m.pid_file), unused_pid())
     m.start()
     assert m.pid_file.read_text() == f"{m.pid}\n"
 
@@ -601,10 +605,9 @@ def test_signal_master_errors(tmp_path):
     pid_file.write_text("garbage\n")
     with pytest.raises(PidFileError, match="does not hold a process id"):
         signal_master(str(pid_file), "quit")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    write_pid_file(str(pid_file), dead.pid)
-    with pytest.raises(PidFileError, match=rf"names process {dead.pid}, which is not a running fastproxy master"):
+    dead = unused_pid()
+    write_pid_file(str(pid_file), dead)
+    with pytest.raises(PidFileError, match=rf"names process {dead}, which is not a running fastproxy master"):
         signal_master(str(pid_file), "stop")
     # A live process that is not a fastproxy master is never signalled.
     other = subprocess.Popen(["sleep", "30"])

@@ -71,7 +71,7 @@ class WorkerProcess:
 
 
 class SpawnError(Exception):
-    pass
+    """A worker could not be forked (no counter slot, no fd, fork failed); str() says why."""
 
 
 @dataclass
