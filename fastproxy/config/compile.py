@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from fastproxy.filters.base import compile_phases
+
 from .runtime import (AccessLog, Address, Admin, Listener, Main, Proxy, Respond, Route, Runtime,
                       Upstream)
 from .schema import Report, did_you_mean
@@ -131,6 +133,7 @@ def build_runtime(tree: dict, source: str) -> Runtime:
             headers=tuple((name.encode("ascii"), value.encode()) for name, value in route["respond"]["headers"])),
         max_body_size=main["max_body_size"] if route["max_body_size"] is None else route["max_body_size"],
         max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
+        phases=compile_phases(()),  # no filter exists yet: every phase is empty
     ) for route in tree["routes"])
     return Runtime(
         source=source,

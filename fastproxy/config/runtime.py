@@ -88,7 +88,7 @@ class Route:
     max_body_size: int
     max_header_size: int
     # Filters by phase, in run order; empty tuples today (see fastproxy/filters).
-    phases: Tuple[Tuple[object, ...], ...] = field(default=())
+    phases: Tuple[Tuple[object, ...], ...] = field(default=())  # one tuple per filters.base.Phase
 
 
 @dataclass(frozen=True)

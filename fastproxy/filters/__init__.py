@@ -1,0 +1,1 @@
+"""Features as filters attached to routes in ordered phases (see base.py)."""
