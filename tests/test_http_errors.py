@@ -15,7 +15,8 @@ from harness.proxy import free_port, upstream
 
 # Route "/small/" overrides the limits of [main].
 MAIN_LIMITS = {"max_header_size": "8k", "max_uri_size": "2k", "max_body_size": "64k",
-               "client_header_timeout": "1s", "client_body_timeout": "1s"}
+               "client_header_timeout": "1s", "client_body_timeout": "1s", "send_timeout": "1s",
+               "keepalive_timeout": "2s"}
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,25 @@ def test_idle_connection_is_not_a_worker(proxy):
     finally:
         for c in idle + [not_reading]:
             c.close()
+
+
+def test_client_send_timeout(proxy):
+    """A client that stops reading a large response is cut off after send_timeout."""
+    with RawClient(proxy.port, timeout=20) as c:
+        c.send(build_request("GET", "/bytes?n=%d" % (512 << 20)))
+        time.sleep(4)  # send_timeout is 1s; the socket buffers hold only a few MiB
+        head = c.read_head()
+        assert head.status == 200, head
+        with pytest.raises((ServerClosed, ConnectionResetError)):
+            for _ in c.iter_body(head):
+                pass
+    assert_alive(proxy)
+
+
+def test_idle_keepalive_connection_closed(proxy):
+    with RawClient(proxy.port, timeout=20) as c:
+        assert c.request("GET", "/echo").status == 200
+        assert c.is_closed(15), "idle kept-alive connection still open well after keepalive_timeout"
 
 
 # -- stale pooled upstream connections -----------------------------------------------------

@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from harness import corpus
-from harness.client import RawClient, build_request, chunked, fetch
+from harness.client import RawClient, ServerClosed, build_request, chunked, fetch
 from harness.origin import pattern_bytes, pattern_crc
 from harness.proxy import upstream
 
@@ -206,3 +206,72 @@ def test_expect_100_continue(proxy):
         r = c.read_response()
         assert r.status == 200 and r.json()["body"] == body.decode(), r
         assert_usable(c)
+
+
+# -- unusual upstream responses ------------------------------------------------------------
+def test_upstream_informational_response_does_not_break_the_exchange(proxy, module_origin):
+    def early_hints(conn, req):
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        conn.respond(200, b"final\n")
+    module_origin.handlers["hints"] = early_hints
+    with RawClient(proxy.port) as c:
+        r = c.request("GET", "/hints")
+        assert r.status == 200 and r.body == b"final\n", r
+        assert set(r.interim) <= {103}, r.interim
+        assert_usable(c)
+
+
+def test_upstream_response_with_both_length_and_chunked(proxy, module_origin):
+    """Transfer-Encoding wins over Content-Length (RFC 9112 6.3); the client never gets both."""
+    def both(conn, req):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n\r\n")
+        conn.keep_alive = False
+    module_origin.handlers["both"] = both
+    with RawClient(proxy.port) as c:
+        r = c.request("GET", "/both")  # the client parser rejects a response carrying both
+        assert (r.status, r.body) == (200, b"hello") or r.status == 502, r
+
+
+def test_upstream_body_shorter_than_content_length_is_not_passed_as_complete(proxy, module_origin):
+    def short(conn, req):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        conn.keep_alive = False
+    module_origin.handlers["short"] = short
+    with RawClient(proxy.port) as c:
+        c.send(build_request("GET", "/short"))
+        head = c.read_head()
+        if head.status == 502:
+            return
+        assert head.status == 200, head
+        with pytest.raises((ServerClosed, ConnectionResetError)):
+            b"".join(c.iter_body(head))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_many_pipelined_requests_in_random_splits(proxy, seed):
+    rng = random.Random(seed)
+    reqs, expect = [], []
+    for i in range(60):
+        kind = rng.choice(["get", "post", "chunked", "head", "bytes"])
+        if kind == "get":
+            reqs.append(build_request("GET", f"/echo?i={i}"))
+        elif kind == "post":
+            reqs.append(build_request("POST", f"/echo?i={i}", body=bytes([65 + i % 26]) * rng.randint(1, 3000)))
+        elif kind == "chunked":
+            reqs.append(build_request("POST", f"/echo?i={i}", [("Transfer-Encoding", "chunked")],
+                                      chunked(b"a" * rng.randint(1, 500), b"b" * rng.randint(1, 500))))
+        elif kind == "head":
+            reqs.append(build_request("HEAD", f"/bytes?n=77&i={i}"))
+        else:
+            reqs.append(build_request("GET", f"/bytes?n={rng.randint(0, 20000)}&te=chunked&chunk=999&i={i}"))
+        expect.append(kind)
+    with RawClient(proxy.port) as c:
+        c.send(b"".join(reqs), "random", rng)
+        for i, kind in enumerate(expect):
+            r = c.read_response("HEAD" if kind == "head" else "GET")
+            assert r.status == 200, (i, kind, r)
+            if kind in ("get", "post", "chunked"):
+                assert r.json()["target"] == f"/echo?i={i}", (i, r)
+            elif kind == "head":
+                assert r.body == b""

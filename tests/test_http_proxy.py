@@ -1,11 +1,13 @@
 """Proxying basics: forwarding, header rewriting, routing and local responses."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from harness.client import RawClient, build_request, fetch
 from harness.origin import Origin
-from harness.proxy import respond, upstream
+from harness.proxy import respond, upstream, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +186,68 @@ def test_respond_route_drains_request_body(proxy):
         assert first.status == 418, first
         second = c.read_response()
         assert second.status == 200 and second.json()["target"] == "/api/echo?next", second
+
+
+# -- settings that need their own proxy -----------------------------------------------------
+def test_pass_server_header(make_proxy, origin):
+    p = make_proxy({"main": {"pass_server_header": True}, "upstreams": {"o": upstream(origin)},
+                    "routes": [{"name": "all", "path_prefix": "/", "upstream": "o"}]})
+    r = fetch(p.port, "GET", "/echo")
+    assert r.header_all("server") == ["origin/1.0"], r.headers
+
+
+def test_custom_server_header(make_proxy, origin):
+    p = make_proxy({"main": {"server_header": "edge/7"}, "upstreams": {"o": upstream(origin)},
+                    "routes": [{"name": "all", "path_prefix": "/", "upstream": "o"}]})
+    assert fetch(p.port, "GET", "/echo").header_all("server") == ["edge/7"]
+    assert fetch(p.port, "GET", "/echo?x").header_all("server") == ["edge/7"]
+
+
+def test_keepalive_requests_limit(make_proxy, origin):
+    p = make_proxy({"main": {"keepalive_requests": 5}, "upstreams": {"o": upstream(origin)},
+                    "routes": [{"name": "all", "path_prefix": "/", "upstream": "o"}]})
+    with RawClient(p.port) as c:
+        for i in range(4):
+            r = c.request("GET", f"/echo?{i}")
+            assert r.status == 200 and not r.has_token("connection", "close"), r
+        r = c.request("GET", "/echo?last")
+        assert r.status == 200 and r.has_token("connection", "close"), r
+        assert c.is_closed()
+
+
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_access_log_lines(make_proxy, origin, fmt):
+    p = make_proxy({"access_log": {"format": fmt, "flush": "100ms"}, "upstreams": {"o": upstream(origin)},
+                    "routes": [{"name": "all", "path_prefix": "/", "upstream": "o"}]})
+    fetch(p.port, "GET", "/echo?logged", [("X-Request-ID", "log-me-123"), ("User-Agent", "agent/1")])
+    fetch(p.port, "GET", "/reset", [("X-Request-ID", "log-me-502")])
+
+    def lines():
+        text = p.access_log.read_text() if p.access_log.exists() else ""
+        found = [l for l in text.splitlines() if "log-me-" in l]
+        return found if len(found) == 2 else None
+    ok_line, bad_line = sorted(wait_until(
+        lines, 10, message="two access-log lines"), key=lambda l: "log-me-502" in l)
+    if fmt == "json":
+        rec = json.loads(ok_line)
+        values = {str(v) for v in rec.values()}
+        assert "log-me-123" in values and "200" in values and origin.address in values, rec
+        assert any("/echo?logged" in v for v in values), rec
+        assert "502" in {str(v) for v in json.loads(bad_line).values()}, bad_line
+    else:
+        assert '"GET /echo?logged HTTP/1.1" 200 ' in ok_line and '"agent/1"' in ok_line, ok_line
+        assert "log-me-123" in ok_line and origin.address in ok_line, ok_line
+        assert '"GET /reset HTTP/1.1" 502 ' in bad_line, bad_line
+
+
+def test_upstream_failure_in_error_log_with_pid_and_request_id(make_proxy, origin):
+    p = make_proxy({"upstreams": {"o": upstream(origin)},
+                    "routes": [{"name": "all", "path_prefix": "/", "upstream": "o"}]})
+    pid = p.worker_pids()[0]
+    assert fetch(p.port, "GET", "/reset", [("X-Request-ID", "trace-me-77")]).status == 502
+
+    def line():
+        return next((l for l in p.error_log.read_text().splitlines() if "trace-me-77" in l), None)
+    found = wait_until(
+        line, 10, message="an error-log line with the request id")
+    assert str(pid) in found, found

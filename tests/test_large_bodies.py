@@ -6,6 +6,7 @@ test nor the origin ever holds more than a few MiB. Worker RSS is sampled from
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -127,4 +128,22 @@ def test_chunked_upload_to_slow_reader_flat_memory(proxy, module_origin):
         send_pattern(c.sock, size, chunk_framing=True)
         r = c.read_response()
     assert r.status == 200 and r.json()["body_len"] == size, r
+    assert all(g < MAX_GROWTH_KIB for g in rss.growth().values()), f"worker RSS growth KiB: {rss.growth()}"
+
+
+@pytest.mark.slow
+def test_slow_reading_client_flat_memory(proxy):
+    """Backpressure the other way: the client reads slowly, so the proxy must stop reading the origin."""
+    size = 128 << 20
+    warm_up(proxy)
+    with RssSampler(proxy.worker_pids()) as rss, RawClient(proxy.port, timeout=30) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        c.send(build_request("GET", f"/bytes?n={size}"))
+        r = c.read_head()
+        assert r.status == 200, r
+        n = 0
+        for piece in c.iter_body(r):
+            n += len(piece)
+            time.sleep(0.005)
+    assert n == size
     assert all(g < MAX_GROWTH_KIB for g in rss.growth().values()), f"worker RSS growth KiB: {rss.growth()}"
