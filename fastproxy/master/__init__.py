@@ -9,9 +9,12 @@ from __future__ import annotations
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from fastproxy.config.runtime import Runtime
+
+if TYPE_CHECKING:
+    from fastproxy.shm.zones import SharedRegion
 
 # A worker exits with this code when it could not start serving (bad privileges,
 # a failing import, ...). The master then stops at startup, or abandons a reload,
@@ -41,7 +44,7 @@ class WorkerContext:
     generation: int  # 1 at startup, +1 per successful reload
     listen_sockets: Tuple[socket.socket, ...]  # parallel to runtime.listeners; this slot's sockets
     admin_socket: Optional[socket.socket]  # shared by all workers; None without [admin]
-    region: object  # fastproxy.shm.zones.SharedRegion
+    region: "SharedRegion"
     counter_slot: int
     route_ids: Tuple[int, ...]  # parallel to runtime.routes
     upstream_ids: Tuple[int, ...]  # parallel to runtime.upstreams
