@@ -128,6 +128,11 @@ cdef class WorkerCore:
         self.drain_deadline = monotonic() + timeout
         for client in list(self.clients):
             client.drain()
+        # a connection accepted just before the listeners closed has its connection_made
+        # already queued: check once the loop has run those callbacks
+        self.loop.call_soon(self.check_drained)
+
+    def check_drained(self):
         self.connection_gone()
 
     cdef void connection_gone(self) except *:
