@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from harness.client import RawClient, ServerClosed, fetch
-from harness.proxy import ProxyProcess, cmdline, pid_alive, respond, upstream, wait_until
+from harness.client import RawClient, ServerClosed, build_request, fetch
+from harness.proxy import ProxyProcess, cmdline, free_port, pid_alive, respond, upstream, wait_until
 
 
 def config(origin, body="version one\n", workers=2, **main):
@@ -89,6 +89,32 @@ def test_hup_with_new_config_switches_routes(make_proxy, origin):
     assert [hello(p) for _ in range(10)] == [b"version two\n"] * 10
 
 
+def test_hup_switches_upstream_workers_and_listeners(make_proxy, make_origin):
+    a, b = make_origin("a"), make_origin("b")
+    p = make_proxy(config(a))
+    gen = p.generation()
+    assert fetch(p.port, "GET", "/api/echo").json()["origin"] == "a"
+    extra_port = free_port()
+    cfg = config(b, workers=3)
+    cfg["listen"] = [{"address": f"127.0.0.1:{p.port}"}, {"address": f"127.0.0.1:{extra_port}"}]
+    p.write_config(cfg)
+    p.signal(signal.SIGHUP)
+    st = p.wait_generation(gen)
+    assert len(st["workers"]) == 3 and len({w["slot"] for w in st["workers"]}) == 3, st
+    for port in (p.port, extra_port):
+        for _ in range(6):
+            r = fetch(port, "GET", "/api/echo")
+            assert r.status == 200 and r.json()["origin"] == "b", r
+    cfg = config(b, workers=1)
+    cfg["listen"] = [{"address": f"127.0.0.1:{extra_port}"}]
+    p.write_config(cfg)
+    p.signal(signal.SIGHUP)
+    st = p.wait_generation(gen + 1)
+    assert len(st["workers"]) == 1, st
+    assert fetch(extra_port, "GET", "/hello").status == 200
+    wait_until(lambda: refused(p.port), 10, message="the listener removed from the config to close")
+
+
 def test_hup_with_broken_config_keeps_serving(make_proxy, origin):
     p = make_proxy(config(origin, "still here\n"))
     gen, pids = p.generation(), p.worker_pids()
@@ -124,6 +150,7 @@ def test_zero_downtime_reload_under_load(make_proxy, origin):
 
     def keepalive_client(i):
         target = "/hello" if i % 2 else f"/api/echo?client={i}"
+        body = b"p" * 20000 if i % 4 == 2 else b""  # a quarter of the clients POST a body
         c = None
         while not stop.is_set():
             try:
@@ -131,8 +158,8 @@ def test_zero_downtime_reload_under_load(make_proxy, origin):
                     c = RawClient(p.port, timeout=20)
                     with lock:
                         counts["connections"] += 1
-                r = c.request("GET", target)
-                if r.status != 200:
+                r = c.request("POST" if body else "GET", target, body=body)
+                if r.status != 200 or (body and r.json()["body_len"] != len(body)):
                     record("status", r)
                 else:
                     with lock:
@@ -249,6 +276,19 @@ def test_quit_drains_then_exits(make_proxy, origin):
     assert refused(p.port)
 
 
+def test_quit_kills_workers_past_shutdown_timeout(make_proxy, origin):
+    p = make_proxy(config(origin, shutdown_timeout="2s"))
+    pids = p.worker_pids()
+    slow = Background(fetch, p.port, "GET", "/api/slow?delay=60&stuck", None, b"", 40)
+    origin.wait_for_request(lambda r: "stuck" in r.target)
+    p.signal(signal.SIGQUIT)
+    assert p.wait_exit(20) is not None, "master still running long after shutdown_timeout"
+    with pytest.raises((ServerClosed, ConnectionResetError)):
+        slow.get()
+    assert not any(pid_alive(x) for x in pids)
+    p.assert_no_leftovers(timeout=2)
+
+
 def test_term_stops_fast(make_proxy, origin):
     p = make_proxy(config(origin))
     slow = Background(fetch, p.port, "GET", "/api/slow?delay=60&before-term")
@@ -278,6 +318,25 @@ def test_killed_worker_is_respawned(make_proxy, origin):
         assert r.status == 200, r
 
 
+def test_connections_queued_while_worker_is_dead_are_served(make_proxy, origin):
+    """The master keeps the slot's socket: connections that arrive between a worker's death
+    and its replacement wait in the accept queue and are answered."""
+    p = make_proxy(config(origin, workers=1))
+    victim = p.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    clients = [RawClient(p.port) for _ in range(20)]  # connect() succeeds: the queue is the master's
+    try:
+        for i, c in enumerate(clients):
+            c.send(build_request("GET", f"/api/echo?q={i}"))
+        for i, c in enumerate(clients):
+            r = c.read_response()
+            assert r.status == 200 and r.json()["target"] == f"/api/echo?q={i}", r
+    finally:
+        for c in clients:
+            c.close()
+    assert victim not in p.worker_pids()
+
+
 def test_master_killed_workers_exit(make_proxy, origin):
     p = make_proxy(config(origin))
     pids = p.worker_pids()
@@ -305,6 +364,16 @@ def test_usr1_reopens_access_log(make_proxy, origin):
     assert "before-rotate" not in p.access_log.read_text()
 
 
+def test_usr1_reopens_error_log(make_proxy, origin):
+    p = make_proxy(config(origin))
+    rotated = p.error_log.with_name(p.error_log.name + ".1")
+    p.error_log.rename(rotated)
+    p.signal(signal.SIGUSR1)
+    wait_until(lambda: p.error_log.exists(), 10, message="a new error log after USR1")
+    p.reload()  # logs "generation N ready"
+    wait_until(lambda: "generation" in p.error_log.read_text(), 10, message="new lines in the reopened error log")
+
+
 def test_signal_verbs_via_pid_file(make_proxy, origin):
     p = make_proxy(config(origin))
     assert int(p.pid_file.read_text().strip()) == p.pid
@@ -312,10 +381,27 @@ def test_signal_verbs_via_pid_file(make_proxy, origin):
     out = p.run_cli("-s", "reload", "-c", str(p.config_path))
     assert out.returncode == 0, out
     p.wait_generation(gen)
+    out = p.run_cli("-s", "reopen", "-c", str(p.config_path))
+    assert out.returncode == 0, out
     out = p.run_cli("-s", "quit", "-c", str(p.config_path))
     assert out.returncode == 0, out
     assert p.wait_exit(20) == 0
     p.assert_no_leftovers(timeout=0.5)
+
+
+def test_signal_stop_via_pid_file(make_proxy, origin):
+    p = make_proxy(config(origin))
+    out = p.run_cli("-s", "stop", "-c", str(p.config_path))
+    assert out.returncode == 0, out
+    assert p.wait_exit(15) is not None
+    p.assert_no_leftovers(timeout=2)
+
+
+def test_version(tmp_path):
+    out = ProxyProcess(tmp_path).run_cli("--version")
+    assert out.returncode == 0, out
+    text = out.stdout + out.stderr
+    assert text.startswith("fastproxy ") and "httptools" in text and "uvloop" in text, text
 
 
 def test_config_test_flag(tmp_path, origin):

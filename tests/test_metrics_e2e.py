@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from harness.client import fetch, get_json
+from harness.client import RawClient, fetch, get_json
 from harness.proxy import respond, summed_metric, upstream, wait_until
 
 
@@ -82,3 +82,40 @@ def test_status_json(make_proxy, origin):
     assert len(st["workers"]) == 2 and all(w["generation"] == st["generation"] for w in st["workers"]), st
     assert sorted(w["slot"] for w in st["workers"]) == sorted({w["slot"] for w in st["workers"]})
     assert all(w["state"] for w in st["workers"]), st
+
+
+def test_status_classes_counted_exactly(make_proxy, origin):
+    p = make_proxy(config(origin))
+    before = p.metrics()
+    for _ in range(3):
+        assert fetch(p.port, "GET", "/no-route").status == 404
+    for _ in range(2):
+        assert fetch(p.port, "GET", "/api/reset").status == 502
+    assert fetch(p.port, "GET", "/api/status?code=503").status == 503
+
+    def delta(text, **labels):
+        return (summed_metric(text, "fastproxy_requests_total", **labels)
+                - summed_metric(before, "fastproxy_requests_total", **labels))
+    def counted():
+        t = p.metrics()
+        return t if delta(t, code="5xx") >= 3 and delta(t, code="4xx") >= 3 else None
+    text = wait_until(counted, 10, message="4xx and 5xx counters")
+    assert delta(text, code="4xx") == 3, text
+    assert delta(text, route="api", code="5xx") == 3, text
+    assert delta(text, code="2xx") == 0, text
+
+
+def test_active_connections_gauge(make_proxy, origin):
+    p = make_proxy(config(origin))
+    base = summed_metric(p.metrics(), "fastproxy_active_connections")
+    clients = [RawClient(p.port) for _ in range(6)]
+    try:
+        for c in clients:
+            assert c.request("GET", "/hello").status == 200  # now idle, kept alive
+        wait_until(lambda: summed_metric(p.metrics(), "fastproxy_active_connections") >= base + 6, 10,
+                   message="active connections to include 6 idle keep-alive clients")
+    finally:
+        for c in clients:
+            c.close()
+    wait_until(lambda: summed_metric(p.metrics(), "fastproxy_active_connections") <= base, 10,
+               message="active connections back to the baseline")
