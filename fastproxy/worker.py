@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -66,6 +67,9 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # only the master reloads
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self.core.start()
+        # Everything built so far lives as long as the worker: keep the cycle
+        # collector from walking it again on every collection.
+        gc.freeze()
 
     def announce_ready(self) -> None:
         if self.ctx.ready_fd >= 0:

@@ -515,6 +515,7 @@ cdef class ClientConnection:
     def connection_lost(self, exc):
         cdef Exchange ex = self.current
         self.closing = True
+        self.parser = None  # it holds our bound methods: break the cycle for refcounting
         self.core.clients.discard(self)
         self.core.metrics.connection_closed()
         if self.tunnel is not None:

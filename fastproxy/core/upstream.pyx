@@ -17,6 +17,10 @@ class _StopResponse(Exception):
 cdef object STOP_RESPONSE = _StopResponse()
 
 
+def idle_since(UpstreamConnection conn):
+    return conn.deadline
+
+
 cdef class UpstreamPool:
     cdef WorkerCore core
     cdef readonly str name
@@ -77,9 +81,11 @@ cdef class UpstreamPool:
         self.core.upstreams.add(conn)
 
     cdef void release(self, UpstreamConnection conn) except *:
-        """Back to the idle list after a complete exchange, or closed if the pool is full."""
+        """Back to the idle list after a complete exchange. The surplus over `keepalive`
+        is closed by the next sweep rather than at once: under load, responses finish in
+        bursts and a connection closed now would be reopened a moment later."""
         conn.exchange = None
-        if self.idle_count >= self.keepalive or self.core.draining:
+        if self.keepalive == 0 or self.core.draining:
             conn.close()
             return
         conn.state = UP_IDLE
@@ -94,12 +100,18 @@ cdef class UpstreamPool:
             self.idle_count -= 1
 
     cdef void expire_idle(self, double now) except *:
+        """Close idle connections past keepalive_timeout, then the least recently used
+        ones beyond `keepalive`."""
         cdef list idle
         cdef UpstreamConnection conn
         for idle in self.idle:
             for conn in list(idle):
                 if conn.deadline <= now or self.core.draining:
                     conn.close()
+        while self.idle_count > self.keepalive:
+            conn = min([<UpstreamConnection>idle[0] for idle in self.idle if idle],
+                       key=idle_since)
+            conn.close()
 
     cdef void close_all(self) except *:
         cdef list idle
@@ -160,6 +172,7 @@ cdef class UpstreamConnection:
     cdef void connect_failed(self, int kind) except *:
         cdef Exchange ex = self.exchange
         self.state = UP_CLOSED
+        self.parser = None
         self.pool.core.upstreams.discard(self)
         self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         self.exchange = None
@@ -264,6 +277,7 @@ cdef class UpstreamConnection:
         cdef Exchange ex = self.exchange
         cdef int previous = self.state
         self.state = UP_CLOSED
+        self.parser = None  # it holds our bound methods: break the cycle for refcounting
         self.pool.core.upstreams.discard(self)
         if previous == UP_IDLE:
             self.pool.forget_idle(self)
