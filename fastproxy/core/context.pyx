@@ -163,6 +163,14 @@ cdef class WorkerCore:
     def active_connections(self):
         return len(self.clients)
 
+    cdef void log_upstream_error(self, Exchange ex, str upstream, str address, str reason) except *:
+        if self.error_logger is not None:
+            self.error_logger.error(
+                'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
+                upstream, address, reason, ex.client.addr.decode(),
+                (ex.method or b"-").decode("latin-1"), (ex.url or b"-").decode("latin-1"),
+                (ex.request_id or b"-").decode("latin-1"))
+
     cdef void report_error(self, exc) except *:
         if self.error_logger is not None:
             self.error_logger.error("unexpected error while handling a request",

@@ -165,25 +165,43 @@ cdef class UpstreamConnection:
         if self.state == UP_CLOSED:
             return  # closed on purpose (its client left) while connecting
         if task.cancelled():
-            self.connect_failed(UPSTREAM_TIMEOUT)
+            self.connect_failed(UPSTREAM_TIMEOUT,
+                                "connect timed out after %gs" % self.pool.connect_timeout)
         elif task.exception() is not None:
-            self.connect_failed(UPSTREAM_CONNECT)
+            self.connect_failed(UPSTREAM_CONNECT, "connect failed: %s" % task.exception())
 
-    cdef void connect_failed(self, int kind) except *:
+    cdef void connect_failed(self, int kind, str reason) except *:
         cdef Exchange ex = self.exchange
         self.state = UP_CLOSED
         self.parser = None
         self.pool.core.upstreams.discard(self)
-        self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         self.exchange = None
+        if kind == UPSTREAM_CONNECT and self.attempts_left > 0 and ex is not None \
+                and not ex.aborted:
+            # nothing was sent yet, so any method can go to the next server
+            self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
+            self.pool.core.log_upstream_error(ex, self.pool.name, self.address(),
+                                              reason + "; trying the next server")
+            ex.upstream = None
+            self.pool.connect(ex, (self.server + 1) % len(self.pool.hosts), self.attempts_left)
+            return
+        self.fail_exchange(ex, kind, reason)
+
+    cdef void fail_exchange(self, Exchange ex, int kind, str reason) except *:
+        """Count and log a failure of this connection, then answer `ex`: 502/504 while no
+        response byte was relayed, else close the client connection so it can tell."""
+        self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         if ex is None or ex.aborted:
             return
         ex.upstream = None
-        if kind == UPSTREAM_CONNECT and self.attempts_left > 0:
-            # nothing was sent yet, so any method can go to the next server
-            self.pool.connect(ex, (self.server + 1) % len(self.pool.hosts), self.attempts_left)
-            return
-        ex.upstream_failed(504 if kind == UPSTREAM_TIMEOUT else 502)
+        self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
+        if ex.response_started:
+            ex.client.abort()
+        else:
+            ex.upstream_failed(504 if kind == UPSTREAM_TIMEOUT else 502)
+
+    cdef str address(self):
+        return (<bytes>self.pool.addr_bytes[self.server]).decode()
 
     cdef void attach(self, Exchange ex) except *:
         self.exchange = ex
@@ -260,8 +278,8 @@ cdef class UpstreamConnection:
                 self.response_complete()
             else:
                 self.internal_error(exc.__context__)
-        except HttpParserError:
-            self.protocol_error()
+        except HttpParserError as exc:
+            self.protocol_error(exc)
         client.flush()  # one write for everything this read produced
 
     def eof_received(self):
@@ -269,11 +287,11 @@ cdef class UpstreamConnection:
 
     def connection_lost(self, exc):
         try:
-            self.lost()
+            self.lost(exc)
         except Exception as error:
             self.internal_error(error)
 
-    cdef void lost(self) except *:
+    cdef void lost(self, object exc) except *:
         cdef Exchange ex = self.exchange
         cdef int previous = self.state
         self.state = UP_CLOSED
@@ -288,23 +306,22 @@ cdef class UpstreamConnection:
         if previous == UP_TUNNEL:
             ex.client.close_now()
             return
-        ex.upstream = None
-        if ex.response_started:
-            if self.resp_length is None and not self.resp_chunked:
-                # a body with neither length nor chunking ends when the upstream closes
-                ex.response_complete()
-            else:
-                self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
-                ex.client.abort()
+        if ex.response_started and self.resp_length is None and not self.resp_chunked:
+            # a body with neither length nor chunking ends when the upstream closes
+            ex.upstream = None
+            ex.response_complete()
             return
-        self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
         if not self.got_bytes and self.requests > 0 and ex.can_retry():
             # a kept-alive connection the upstream closed as we reused it: the request
             # never reached it, so send it again on a new connection
+            self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+            ex.upstream = None
             ex.retried = True
             self.pool.acquire(ex, True)
             return
-        ex.upstream_failed(502)
+        self.fail_exchange(ex, UPSTREAM_RESET,
+                           "connection lost: %s" % exc if exc is not None else
+                           "closed the connection before the response was complete")
 
     def pause_writing(self):
         if self.exchange is not None:
@@ -379,18 +396,11 @@ cdef class UpstreamConnection:
         ex.upstream = None
         ex.response_complete()
 
-    cdef void protocol_error(self) except *:
+    cdef void protocol_error(self, object exc) except *:
         cdef Exchange ex = self.exchange
-        self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
         self.exchange = None
         self.close()
-        if ex is None:
-            return
-        ex.upstream = None
-        if ex.response_started:
-            ex.client.abort()
-        else:
-            ex.upstream_failed(502)
+        self.fail_exchange(ex, UPSTREAM_RESET, "invalid response: %s" % exc)
 
     cdef void upgraded(self, bytes rest) except *:
         """The upstream answered 101: from here on both sides are an opaque tunnel."""
@@ -418,21 +428,14 @@ cdef class UpstreamConnection:
 
     cdef void timed_out(self) except *:
         cdef Exchange ex = self.exchange
-        cdef int kind = UPSTREAM_TIMEOUT
         if self.state == UP_CONNECTING:
             if self.connect_task is not None:
                 self.connect_task.cancel()  # _connect_done reports the timeout
             return
-        self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         self.exchange = None
         self.close()
-        if ex is None:
-            return
-        ex.upstream = None
-        if ex.response_started:
-            ex.client.abort()
-        else:
-            ex.upstream_failed(504)
+        self.fail_exchange(ex, UPSTREAM_TIMEOUT, "timed out after %gs without a byte" % (
+            self.pool.read_timeout if ex is not None and ex.request_done else self.pool.send_timeout))
 
     cdef void close(self) except *:
         if self.state == UP_IDLE:
