@@ -15,6 +15,6 @@ include "core/context.pyx"
 
 
 def versions():
-    import httptools, uvloop, Cython
-    return {"httptools": httptools.__version__, "uvloop": uvloop.__version__,
-            "cython": Cython.__version__}
+    """Versions of the libraries the core runs on (fastproxy --version)."""
+    from importlib.metadata import version
+    return {name: version(name) for name in ("httptools", "uvloop", "setproctitle", "zstandard")}
