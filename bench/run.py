@@ -35,6 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 OTHER_CPU_LIMIT = 0.10
 STEAL_LIMIT = 0.05
 RETRIES = 2
+QUIET_WAIT = 10.0  # seconds to wait for other load to pass before a retry
 NOFILE = 20000  # c2000 needs ~3 descriptors per connection across wrk, proxy and origin
 
 
@@ -120,8 +121,12 @@ def measure(target: Target, origin: Origin, sc: Scenario, duration: float, scrip
     cpu0 = {k: tree_cpu_ticks(pid) for k, pid in roots.items()}
     other0, steal0, t0 = foreign_cpu_ticks(), steal_ticks(), time.monotonic()
     with RssSampler(roots) as rss, Reloader(target, reload_every) as reloader:
-        w = run_wrk(f"http://127.0.0.1:{target.port}{sc.path}", sc.connections, duration,
-                    script, sc.headers, LOAD_CPU)
+        try:
+            w = run_wrk(f"http://127.0.0.1:{target.port}{sc.path}", sc.connections, duration,
+                        script, sc.headers, LOAD_CPU)
+        except RuntimeError as e:
+            logs = target.server.output_tail() if target.server else ""
+            raise RuntimeError(f"{sc.name} on {target.name}: {e}\n{logs}") from None
     window = (time.monotonic() - t0) * TICKS  # ticks of one CPU over the run
     cpu = {k: tree_cpu_ticks(pid) - cpu0[k] for k, pid in roots.items()}
     other = (foreign_cpu_ticks() - other0) / window
@@ -142,6 +147,17 @@ def measure(target: Target, origin: Origin, sc: Scenario, duration: float, scrip
         "disturbed": other > OTHER_CPU_LIMIT or steal > STEAL_LIMIT,
         "reloads": reloader.count, "reload_failures": reloader.failures,
     }
+
+
+def wait_for_quiet() -> None:
+    """Return once processes outside this runner have been idle for half a second, or after
+    QUIET_WAIT seconds."""
+    deadline = time.monotonic() + QUIET_WAIT
+    while time.monotonic() < deadline:
+        before = foreign_cpu_ticks()
+        time.sleep(0.5)
+        if (foreign_cpu_ticks() - before) / (0.5 * TICKS) <= OTHER_CPU_LIMIT:
+            return
 
 
 def check_targets(sc: Scenario, targets: Dict[str, Target], origin: Origin) -> None:
@@ -167,7 +183,7 @@ def run_scenario(sc: Scenario, targets: Dict[str, Target], origin: Origin, args,
                 run = measure(t, origin, sc, args.duration, script, sc.reload_every)
                 if not run["disturbed"]:
                     break
-                time.sleep(1)  # let the other load pass before trying again
+                wait_for_quiet()
             run.update(round=rnd, retries=attempt)
             runs.append(run)
             log(f"  {sc.name:9} r{rnd} {t.name:13} {run['throughput']:10.1f} {sc.unit:5} "
@@ -288,8 +304,8 @@ def main(argv=None) -> int:
             res["header"] = header(args)
             (args.out / f"{date}-{sc.name}.json").write_text(json.dumps(res, indent=1) + "\n")
             results.append(res)
-    except KeyboardInterrupt:
-        log("interrupted")
+    except KeyboardInterrupt as e:
+        log(f"interrupted {e}")
         return 130
     finally:
         for t in targets.values():
