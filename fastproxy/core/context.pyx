@@ -160,9 +160,6 @@ cdef class WorkerCore:
         if self.access_log is not None:
             self.access_log.flush()
 
-    def active_connections(self):
-        return len(self.clients)
-
     cdef void log_upstream_error(self, Exchange ex, str upstream, str address, str reason) except *:
         if self.error_logger is not None:
             self.error_logger.error(

@@ -30,12 +30,6 @@ class Phase(enum.IntEnum):
 RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.LOG})
 
 
-class Verdict(enum.IntEnum):
-    CONTINUE = 0
-    RESPOND = 1
-    PAUSE = 2
-
-
 class Filter:
     """Base of a filter's compiled, per-route instance (frozen once built)."""
 
