@@ -147,6 +147,12 @@ cdef inline bytes status_line(int code):
     return b"HTTP/1.1 %d Unknown\r\n" % code
 
 
+# Per-direction buffering before the other side is paused: one event-loop read is up to
+# 256 KiB, so a lower mark would pause and resume the peer on every read.
+cdef Py_ssize_t WRITE_HIGH_WATER = 256 * 1024
+cdef Py_ssize_t WRITE_LOW_WATER = 64 * 1024
+
+
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 

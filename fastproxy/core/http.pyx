@@ -464,6 +464,7 @@ cdef class ClientConnection:
 
     def connection_made(self, transport):
         self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)

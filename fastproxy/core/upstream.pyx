@@ -237,6 +237,7 @@ cdef class UpstreamConnection:
 
     cdef void made(self, object transport) except *:
         self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.state = UP_BUSY
         self.deadline = 0
         if self.exchange is None or self.exchange.aborted:
