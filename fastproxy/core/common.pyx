@@ -3,7 +3,7 @@
 
 from libc.stdint cimport uint64_t, int64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -52,10 +52,12 @@ cdef inline bint name_is(const char *name, Py_ssize_t n, const char *lower, Py_s
     return n == m and strncasecmp(name, lower, <size_t>m) == 0
 
 
-cdef int header_kind(bytes name) noexcept:
+cdef inline int header_kind(bytes name) noexcept:
+    return header_kind_at(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+
+
+cdef int header_kind_at(const char *p, Py_ssize_t n) noexcept:
     """Classify a header name without allocating (case-insensitive, by length first)."""
-    cdef const char *p = PyBytes_AS_STRING(name)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
     if n == 2:
         return H_TE if name_is(p, n, b"te", 2) else H_OTHER
     if n == 4:
@@ -95,12 +97,6 @@ cdef int header_kind(bytes name) noexcept:
     return H_OTHER
 
 
-cdef inline bint is_hop_by_hop(int kind) noexcept:
-    return (kind == H_CONNECTION or kind == H_KEEP_ALIVE or kind == H_PROXY_CONNECTION
-            or kind == H_TE or kind == H_TRAILER or kind == H_UPGRADE
-            or kind == H_TRANSFER_ENCODING)
-
-
 cdef inline bint ends_with_chunked(bytes value) noexcept:
     """True when the last transfer coding of a Transfer-Encoding value is chunked."""
     cdef const char *p = PyBytes_AS_STRING(value)
@@ -109,6 +105,11 @@ cdef inline bint ends_with_chunked(bytes value) noexcept:
         n -= 1
     return n >= 7 and strncasecmp(p + n - 7, b"chunked", 7) == 0 and (
         n == 7 or p[n - 8] == b',' or p[n - 8] == b' ' or p[n - 8] == b'\t')
+
+
+cdef list extra_tokens(list tokens):
+    """Connection tokens that name headers (not the close/keep-alive/upgrade options)."""
+    return [t for t in tokens if t != b"close" and t != b"keep-alive" and t != b"upgrade"]
 
 
 cdef list connection_tokens(bytes value):

@@ -372,8 +372,6 @@ cdef class Exchange:
     cdef void response_head(self, UpstreamConnection conn, int status) except *:
         cdef WorkerCore core = self.client.core
         cdef list out = [status_line(status)]
-        cdef tuple item
-        cdef list tokens = conn.resp_conn_tokens
         self.upstream_time = monotonic() - self.upstream_start
         self.response_started = True
         self.status = status
@@ -387,13 +385,7 @@ cdef class Exchange:
             self.frame = FRAME_CHUNKED
         else:
             self.frame = FRAME_CLOSE
-        for item in conn.resp_headers:
-            if tokens is not None and (<bytes>item[0]).lower() in tokens:
-                continue
-            out.append(<bytes>item[0])
-            out.append(b": ")
-            out.append(<bytes>item[1])
-            out.append(CRLF)
+        out.extend(conn.resp_runs)
         if conn.resp_server is not None and core.pass_server_header:
             out.append(b"Server: ")
             out.append(conn.resp_server)
@@ -405,10 +397,6 @@ cdef class Exchange:
         out.append(b"X-Request-ID: ")
         out.append(self.request_id)
         out.append(CRLF)
-        if conn.resp_length is not None and status >= 200 and status != 204:
-            out.append(b"Content-Length: ")
-            out.append(conn.resp_length)
-            out.append(CRLF)
         if status == 101:
             out.append(b"Connection: upgrade\r\nUpgrade: ")
             out.append(conn.resp_upgrade if conn.resp_upgrade is not None else b"websocket")

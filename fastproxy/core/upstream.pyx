@@ -135,10 +135,13 @@ cdef class UpstreamConnection:
     cdef bint got_bytes          # any response byte for the current exchange
     cdef bint informational      # parsing a 1xx that is not relayed
     cdef bint switching          # a 101: the connection becomes a tunnel
+    cdef bint response_head_seen # the current response's head has been read
     cdef bint resp_keep_alive
     cdef bint read_paused
     # the response being parsed
-    cdef list resp_headers
+    cdef bytes head_buf          # bytes read since the response head began
+    cdef Py_ssize_t head_start   # where it begins in head_buf (after relayed-over 1xx heads)
+    cdef list resp_runs          # header lines relayed verbatim, as slices of head_buf
     cdef bytes resp_length
     cdef bytes resp_server
     cdef list resp_conn_tokens
@@ -208,7 +211,9 @@ cdef class UpstreamConnection:
         ex.upstream = self
         ex.upstream_addr = <bytes>self.pool.addr_bytes[self.server]
         self.got_bytes = False
-        self.resp_headers = []
+        self.head_buf = None
+        self.head_start = 0
+        self.response_head_seen = False
         self.resp_length = None
         self.resp_server = None
         self.resp_conn_tokens = None
@@ -263,6 +268,8 @@ cdef class UpstreamConnection:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
         client = ex.client
+        if not self.response_head_seen:
+            self.head_buf = data if self.head_buf is None else self.head_buf + data
         self.got_bytes = True
         if not self.read_paused:
             self.deadline = monotonic() + self.pool.read_timeout
@@ -336,33 +343,26 @@ cdef class UpstreamConnection:
 
     # -- httptools callbacks ----------------------------------------------------
 
-    def on_header(self, bytes name, bytes value):
-        if self.informational:
-            return
-        cdef int kind = header_kind(name)
-        if kind == H_OTHER:
-            self.resp_headers.append((name, value))
-        elif kind == H_CONTENT_LENGTH:
-            self.resp_length = value
-        elif kind == H_DATE:
-            self.resp_has_date = True
-            self.resp_headers.append((name, value))
-        elif kind == H_SERVER:
-            self.resp_server = value
-        elif kind == H_CONNECTION:
-            self.resp_conn_tokens = connection_tokens(value)
-        elif kind == H_UPGRADE:
-            self.resp_upgrade = value
-        elif kind == H_TRANSFER_ENCODING:
-            self.resp_chunked = ends_with_chunked(value)
-        elif not is_hop_by_hop(kind) and kind != H_X_REQUEST_ID:
-            self.resp_headers.append((name, value))
+    # No on_header callback: httptools validates and frames the response, and the
+    # head is read straight from the received bytes (scan_head), relaying runs of
+    # untouched header lines as slices instead of a Python call and two bytes
+    # objects per header.
 
     def on_headers_complete(self):
         cdef int status = self.parser.get_status_code()
+        cdef bytes raw = self.head_buf
+        cdef Py_ssize_t end = raw.find(b"\r\n\r\n", self.head_start) + 2
         if status < 200 and status != 101:
-            self.informational = True  # 100/102/103: not relayed (we answer 100 ourselves)
+            self.head_start = end + 2  # 100/102/103: not relayed (we answer 100 ourselves)
+            self.informational = True
             return
+        self.scan_head(raw, raw.find(b"\r\n", self.head_start) + 2, end, None)
+        if self.resp_conn_tokens is not None and extra_tokens(self.resp_conn_tokens):
+            # Connection names other headers: they are hop-by-hop too (rare: rescan)
+            self.scan_head(raw, raw.find(b"\r\n", self.head_start) + 2, end,
+                           frozenset(extra_tokens(self.resp_conn_tokens)))
+        self.head_buf = None
+        self.response_head_seen = True
         self.resp_keep_alive = self.parser.should_keep_alive()
         self.switching = status == 101
         self.exchange.response_head(self, status)
@@ -377,11 +377,62 @@ cdef class UpstreamConnection:
             return  # httptools raises HttpParserUpgrade next: see upgraded()
         if self.informational:
             self.informational = False
-            self.resp_headers = []
             return
         self.response_complete()
 
     # -- helpers ----------------------------------------------------------------
+
+    cdef void scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
+                        frozenset drop) except *:
+        """Read the header lines in raw[pos:end] (each ending in CRLF): note the ones the
+        proxy acts on and collect the others, verbatim, as runs of consecutive lines."""
+        cdef const char *p = PyBytes_AS_STRING(raw)
+        cdef const char *colon
+        cdef const char *nl
+        cdef Py_ssize_t run = -1, value_start, value_end, eol
+        cdef int kind
+        cdef bint keep
+        cdef list runs = []
+        while pos < end:
+            nl = <const char *>memchr(p + pos, b'\n', end - pos)
+            # llhttp accepted this head: every line is "name:value" ending in CRLF (no obs-fold)
+            eol = nl - p
+            colon = <const char *>memchr(p + pos, b':', eol - pos)
+            kind = header_kind_at(p + pos, colon - (p + pos))
+            keep = kind == H_OTHER or kind == H_DATE or kind == H_CONTENT_LENGTH
+            if kind != H_OTHER:
+                value_start = colon + 1 - p
+                value_end = eol - 1
+                while value_start < value_end and (p[value_start] == b' ' or p[value_start] == b'\t'):
+                    value_start += 1
+                while value_end > value_start and (p[value_end - 1] == b' ' or p[value_end - 1] == b'\t'):
+                    value_end -= 1
+                self.note_header(kind, raw[value_start:value_end])
+            elif drop is not None and raw[pos:colon - p].lower() in drop:
+                keep = False
+            if keep and run < 0:
+                run = pos
+            elif not keep and run >= 0:
+                runs.append(raw[run:pos])
+                run = -1
+            pos = eol + 1
+        if run >= 0:
+            runs.append(raw[run:end])
+        self.resp_runs = runs
+
+    cdef void note_header(self, int kind, bytes value) except *:
+        if kind == H_CONTENT_LENGTH:
+            self.resp_length = value
+        elif kind == H_DATE:
+            self.resp_has_date = True
+        elif kind == H_SERVER:
+            self.resp_server = value
+        elif kind == H_CONNECTION:
+            self.resp_conn_tokens = connection_tokens(value)
+        elif kind == H_UPGRADE:
+            self.resp_upgrade = value
+        elif kind == H_TRANSFER_ENCODING:
+            self.resp_chunked = ends_with_chunked(value)
 
     cdef void response_complete(self) except *:
         cdef Exchange ex = self.exchange
