@@ -108,7 +108,7 @@ cdef class WorkerCore:
             if conn.deadline and conn.deadline <= now:
                 conn.timed_out()
         for pool in self.pools_by_name.values():
-            pool.expire_idle(now)
+            pool.expire_idle(now, now - self.tick_interval)
         if self.access_log is not None and now >= self.next_log_flush:
             self.access_log.tick()
             self.access_log.flush()

@@ -18,7 +18,7 @@ cdef object STOP_RESPONSE = _StopResponse()
 
 
 def idle_since(UpstreamConnection conn):
-    return conn.deadline
+    return conn.idle_at
 
 
 cdef class UpstreamPool:
@@ -82,14 +82,15 @@ cdef class UpstreamPool:
 
     cdef void release(self, UpstreamConnection conn) except *:
         """Back to the idle list after a complete exchange. The surplus over `keepalive`
-        is closed by the next sweep rather than at once: under load, responses finish in
+        is closed by a later sweep rather than at once: under load, responses finish in
         bursts and a connection closed now would be reopened a moment later."""
         conn.exchange = None
         if self.keepalive == 0 or self.core.draining:
             conn.close()
             return
         conn.state = UP_IDLE
-        conn.deadline = monotonic() + self.keepalive_timeout
+        conn.idle_at = monotonic()
+        conn.deadline = conn.idle_at + self.keepalive_timeout
         (<list>self.idle[conn.server]).append(conn)
         self.idle_count += 1
 
@@ -99,9 +100,10 @@ cdef class UpstreamPool:
             idle.remove(conn)
             self.idle_count -= 1
 
-    cdef void expire_idle(self, double now) except *:
-        """Close idle connections past keepalive_timeout, then the least recently used
-        ones beyond `keepalive`."""
+    cdef void expire_idle(self, double now, double unused_since) except *:
+        """Close idle connections past keepalive_timeout, then, least recently used first,
+        those beyond `keepalive` that nobody took since `unused_since` (the previous
+        sweep): a surplus still in use under load is kept."""
         cdef list idle
         cdef UpstreamConnection conn
         for idle in self.idle:
@@ -111,6 +113,8 @@ cdef class UpstreamPool:
         while self.idle_count > self.keepalive:
             conn = min([<UpstreamConnection>idle[0] for idle in self.idle if idle],
                        key=idle_since)
+            if conn.idle_at > unused_since:
+                break
             conn.close()
 
     cdef void close_all(self) except *:
@@ -131,6 +135,7 @@ cdef class UpstreamConnection:
     cdef object connect_task
     cdef Exchange exchange
     cdef double deadline
+    cdef double idle_at          # when it last went back to the pool
     cdef int requests            # exchanges completed on this connection
     cdef bint got_bytes          # any response byte for the current exchange
     cdef bint informational      # parsing a 1xx that is not relayed
