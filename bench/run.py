@@ -34,8 +34,9 @@ RESULTS = Path(__file__).parent / "results"
 # one CPU during it, or the hypervisor stole more than this.
 OTHER_CPU_LIMIT = 0.10
 STEAL_LIMIT = 0.05
-RETRIES = 2
-QUIET_WAIT = 10.0  # seconds to wait for other load to pass before a retry
+RETRIES = 2  # per run
+RETRY_BUDGET = 60.0  # seconds all retries of one invocation may add, so it still ends on time
+QUIET_WAIT = 5.0  # seconds to wait for other load to pass before a retry
 NOFILE = 20000  # c2000 needs ~3 descriptors per connection across wrk, proxy and origin
 
 
@@ -46,7 +47,7 @@ def parse_args(argv) -> argparse.Namespace:
                    + ", ".join(s.name for s in SCENARIOS))
     p.add_argument("--targets", help="comma-separated; default: each scenario's own set")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per run (default 4)")
     p.add_argument("--quick", action="store_true",
                    help="one round of 2 s runs, short warm-up (smoke test)")
     p.add_argument("--access-log", choices=("on", "off"), default="off",
@@ -58,8 +59,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the targets' temp dirs")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     args = p.parse_args(argv)
-    if args.quick:
-        args.rounds, args.duration = 1, 2.0
+    args.retries, args.retry_budget = RETRIES, RETRY_BUDGET
+    if args.quick:  # shape, not numbers: no retry of disturbed runs either
+        args.rounds, args.duration, args.retries = 1, 2.0, 0
     args.warmup = 1.0  # fills upstream pools and allocator caches; not recorded
     return args
 
@@ -179,11 +181,13 @@ def run_scenario(sc: Scenario, targets: Dict[str, Target], origin: Origin, args,
     runs = []
     for rnd in range(args.rounds):
         for t in targets.values():
-            for attempt in range(RETRIES + 1):
+            for attempt in range(args.retries + 1):
                 run = measure(t, origin, sc, args.duration, script, sc.reload_every)
-                if not run["disturbed"]:
+                if not run["disturbed"] or attempt == args.retries or args.retry_budget <= 0:
                     break
+                retry_start = time.monotonic()
                 wait_for_quiet()
+                args.retry_budget -= time.monotonic() - retry_start + args.duration
             run.update(round=rnd, retries=attempt)
             runs.append(run)
             log(f"  {sc.name:9} r{rnd} {t.name:13} {run['throughput']:10.1f} {sc.unit:5} "
@@ -293,7 +297,8 @@ def main(argv=None) -> int:
         for t in targets.values():
             t.start()
         workdir = origin.dir.path
-        date = datetime.date.today()
+        # Runs with the access log on keep their own files beside the default ones.
+        stem = str(datetime.date.today()) + ("-accesslog" if args.access_log == "on" else "")
         for sc in scenarios:
             mine = {n: targets[n] for n in scenario_targets(sc, args)}
             if args.profile:
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
             log(f"{sc.name}: {sc.description}")
             res = run_scenario(sc, mine, origin, args, workdir)
             res["header"] = header(args)
-            (args.out / f"{date}-{sc.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+            (args.out / f"{stem}-{sc.name}.json").write_text(json.dumps(res, indent=1) + "\n")
             results.append(res)
     except KeyboardInterrupt as e:
         log(f"interrupted {e}")
@@ -314,9 +319,9 @@ def main(argv=None) -> int:
         stop_all()
     if results:
         md = report.markdown(results, header(args))
-        (args.out / f"{date}-summary.md").write_text(md)
+        (args.out / f"{stem}-summary.md").write_text(md)
         print(md)
-        png = args.out / f"{date}-summary.png"
+        png = args.out / f"{stem}-summary.png"
         if not report.chart(results, png):
             log("no chart: matplotlib is missing (pip install -e '.[bench]')")
     log(f"done in {time.monotonic() - started:.0f} s; results in {args.out}")

@@ -23,7 +23,7 @@ from bench.measure import tree_pids
 HERE = Path(__file__).parent
 # Idle connections each proxy worker keeps to the origin: more than any scenario needs
 # at once, so no target closes upstream connections under load (c2000 included).
-UPSTREAM_KEEPALIVE = 1024
+UPSTREAM_KEEPALIVE = 4096
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 8.0
 
