@@ -96,7 +96,10 @@ class Reloader:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every):
+        # A fixed schedule, so a slow reload command does not mean fewer reloads.
+        due = time.monotonic() + self.every
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            due += self.every
             try:
                 self.target.reload()
                 self.count += 1
