@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from bench import report
 from bench.measure import (TICKS, RssSampler, foreign_cpu_ticks, run_wrk, steal_ticks,
@@ -49,7 +49,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per run (default 4)")
     p.add_argument("--quick", action="store_true",
-                   help="one round of 2 s runs, short warm-up (smoke test)")
+                   help="one round of 2 s runs, no retries (the smoke test)")
     p.add_argument("--access-log", choices=("on", "off"), default="off",
                    help="access log to a file in every target (default off)")
     p.add_argument("--profile", action="store_true",
