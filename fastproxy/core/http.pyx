@@ -277,7 +277,7 @@ cdef class Exchange:
             return
         self.up_out = None
         self.up_out_size = 0
-        self.upstream.send(<bytes>out[0] if len(out) == 1 else b"".join(out))
+        self.upstream.send(out)
 
     cdef bint can_retry(self) noexcept:
         return not self.retried and self.content_length == 0 and not self.chunked_in \
@@ -468,7 +468,7 @@ cdef class ClientConnection:
     cdef void receive(self, bytes data) except *:
         cdef Exchange ex
         if self.tunnel is not None:
-            self.tunnel.send(data)
+            self.tunnel.transport.write(data)
             return
         if self.upgraded:
             if self.tunnel_pending is not None:
@@ -615,8 +615,10 @@ cdef class ClientConnection:
         if out is None:
             return
         self.out = None
-        if not self.closing or self.transport is not None:
-            self.transport.write(<bytes>out[0] if len(out) == 1 else b"".join(out))
+        if len(out) == 1:
+            self.transport.write(<bytes>out[0])
+        else:
+            self.transport.writelines(out)  # one writev, no copy of the body into a joined buffer
 
     cdef void pause_reading(self, int reason) except *:
         if self.paused == 0 and not self.closing:
@@ -744,7 +746,7 @@ cdef class ClientConnection:
             self.write(rest)
         self.flush()
         if pending:
-            conn.send(b"".join(pending))
+            conn.transport.writelines(pending)
 
     cdef void internal_error(self, exc) except *:
         """A bug must cost one request, never the worker: 500 if we still can, else close."""

@@ -467,8 +467,11 @@ cdef class UpstreamConnection:
         self.pool.core.upstreams.discard(self)
         ex.client.start_tunnel(self, rest)
 
-    cdef void send(self, bytes data) except *:
-        self.transport.write(data)
+    cdef void send(self, list out) except *:
+        if len(out) == 1:
+            self.transport.write(<bytes>out[0])
+        else:
+            self.transport.writelines(out)  # one writev, no copy into a joined buffer
 
     cdef void pause(self) except *:
         if not self.read_paused and self.transport is not None:
