@@ -4,6 +4,9 @@
 from libc.stdint cimport uint64_t, int64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
+
+cdef extern from "string.h":
+    void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen) nogil
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -157,6 +160,9 @@ cdef Py_ssize_t WRITE_LOW_WATER = 64 * 1024
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+cdef const char *HEX_DIGITS = b"0123456789abcdef"
+
+
 cdef class RequestIds:
     """32 hex digits: a random per-worker prefix and a counter (unique, no syscall)."""
     cdef char prefix[17]
@@ -169,11 +175,29 @@ cdef class RequestIds:
         self.counter = 0
 
     cdef bytes next(self):
-        cdef char buf[40]
+        cdef char buf[32]
+        cdef uint64_t value
+        cdef int i
         self.counter += 1
-        cdef int n = snprintf(buf, sizeof(buf), "%s%016llx", self.prefix,
-                              <unsigned long long>self.counter)
-        return PyBytes_FromStringAndSize(buf, n)
+        value = self.counter
+        memcpy(buf, self.prefix, 16)
+        for i in range(31, 15, -1):
+            buf[i] = HEX_DIGITS[value & 15]
+            value >>= 4
+        return PyBytes_FromStringAndSize(buf, 32)
+
+
+cdef inline Py_ssize_t find_byte(bytes data, char c, Py_ssize_t start) noexcept:
+    """Index of c in data[start:], or -1 (bytes.find without the method-call overhead)."""
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef const char *hit = <const char *>memchr(p + start, c, PyBytes_GET_SIZE(data) - start)
+    return -1 if hit == NULL else hit - p
+
+
+cdef inline Py_ssize_t find_crlfcrlf(bytes data, Py_ssize_t start) noexcept:
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef const char *hit = <const char *>memmem(p + start, PyBytes_GET_SIZE(data) - start, b"\r\n\r\n", 4)
+    return -1 if hit == NULL else hit - p
 
 
 cdef inline bytes chunk_header(Py_ssize_t size):

@@ -150,7 +150,7 @@ cdef class Exchange:
         elif not valid_host(self.host):
             self.fail(400)
             return
-        q = self.url.find(b"?")
+        q = find_byte(self.url, b'?', 0)
         self.path = self.url if q < 0 else self.url[:q]
         if not self.path.startswith(b"/"):
             if not self.absolute_form():
@@ -195,13 +195,13 @@ cdef class Exchange:
             start = 8
         else:
             return False
-        slash = self.url.find(b"/", start)
+        slash = find_byte(self.url, b'/', start)
         authority = self.url[start:] if slash < 0 else self.url[start:slash]
         if not authority:
             return False
         self.host = authority
         self.url = b"/" if slash < 0 else self.url[slash:]
-        q = self.url.find(b"?")
+        q = find_byte(self.url, b'?', 0)
         self.path = self.url if q < 0 else self.url[:q]
         return True
 

@@ -356,15 +356,16 @@ cdef class UpstreamConnection:
     def on_headers_complete(self):
         cdef int status = self.parser.get_status_code()
         cdef bytes raw = self.head_buf
-        cdef Py_ssize_t end = raw.find(b"\r\n\r\n", self.head_start) + 2
+        cdef Py_ssize_t end = find_crlfcrlf(raw, self.head_start) + 2
+        cdef Py_ssize_t first = find_byte(raw, b'\n', self.head_start) + 1  # after the status line
         if status < 200 and status != 101:
             self.head_start = end + 2  # 100/102/103: not relayed (we answer 100 ourselves)
             self.informational = True
             return
-        self.scan_head(raw, raw.find(b"\r\n", self.head_start) + 2, end, None)
+        self.scan_head(raw, first, end, None)
         if self.resp_conn_tokens is not None and extra_tokens(self.resp_conn_tokens):
             # Connection names other headers: they are hop-by-hop too (rare: rescan)
-            self.scan_head(raw, raw.find(b"\r\n", self.head_start) + 2, end,
+            self.scan_head(raw, first, end,
                            frozenset(extra_tokens(self.resp_conn_tokens)))
         self.head_buf = None
         self.response_head_seen = True
