@@ -121,8 +121,13 @@ cdef class Exchange:
         cdef Py_ssize_t q
         self.head_done = True
         self.method = parser.get_method()
-        self.http11 = parser.get_http_version() == "1.1"
         self.keep_alive = parser.should_keep_alive()
+        if self.conn_tokens is None:
+            # without a Connection header only HTTP/1.1 keeps the connection alive: the
+            # version follows without building get_http_version()'s string
+            self.http11 = self.keep_alive
+        else:
+            self.http11 = parser.get_http_version() == "1.1"
         self.is_head = self.method == b"HEAD"
         if self.request_id is None:
             self.request_id = core.ids.next()
