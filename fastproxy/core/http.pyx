@@ -72,7 +72,7 @@ cdef class Exchange:
         ex.fwd_headers = []
         ex.content_length = -1
         ex.upstream_time = -1
-        ex.started_at = monotonic()
+        ex.started_at = client.core.now
         return ex
 
     # -- request side -----------------------------------------------------------
@@ -118,6 +118,7 @@ cdef class Exchange:
         cdef ClientConnection client = self.client
         cdef WorkerCore core = client.core
         cdef list allowed
+        cdef bytes host
         cdef Py_ssize_t q
         self.head_done = True
         self.method = parser.get_method()
@@ -164,11 +165,11 @@ cdef class Exchange:
         if has_dot_segment(self.path):
             self.fail(400)
             return
-        allowed = []
-        self.route = core.router.match(
-            normalize_host(self.host) if core.router.uses_hosts else self.host,
-            self.path, self.method, allowed)
+        host = normalize_host(self.host) if core.router.uses_hosts else self.host
+        self.route = core.router.match(host, self.path, self.method, None)
         if self.route is None:
+            allowed = []
+            core.router.match(host, self.path, self.method, allowed)
             if allowed:
                 self.local_status = 405
                 self.allow = b", ".join(sorted(set(allowed)))
@@ -264,7 +265,7 @@ cdef class Exchange:
         if self.chunked_in and not self.local_status and self.route is not None:
             self.to_upstream(LAST_CHUNK)
         if self.upstream is not None and self.upstream.state == UP_BUSY:
-            self.upstream.deadline = monotonic() + self.upstream.pool.read_timeout
+            self.upstream.deadline = self.client.core.now + self.upstream.pool.read_timeout
 
     cdef void to_upstream(self, bytes data) except *:
         if self.up_out is None:
@@ -301,23 +302,25 @@ cdef class Exchange:
             return  # else: answered once the body has been read
         if self.expect_continue:
             client.write(CONTINUE_100)
-        self.upstream_start = monotonic()
+        self.upstream_start = client.core.now
         client.core.metrics.upstream_request(self.route.pool.metric_id)
         self.route.pool.acquire(self, False)
 
     cdef void upstream_ready(self, UpstreamConnection conn) except *:
         cdef list pending = self.up_out
-        self.up_out = [self.upstream_head]
-        self.up_out_size = len(self.upstream_head)
-        if pending is not None:
-            self.up_out.extend(pending)
-        self.flush_upstream()
+        if pending is None:
+            conn.transport.write(self.upstream_head)
+        else:
+            self.up_out = None
+            self.up_out_size = 0
+            pending.insert(0, self.upstream_head)
+            conn.send(pending)
         if self.request_done:
-            conn.deadline = monotonic() + conn.pool.read_timeout
+            conn.deadline = self.client.core.now + conn.pool.read_timeout
         self.client.resume_reading(PAUSE_BUFFERED)
 
     cdef void upstream_failed(self, int status) except *:
-        self.upstream_time = monotonic() - self.upstream_start
+        self.upstream_time = self.client.core.now - self.upstream_start
         if not self.request_done:
             self.close_after = True
         self.local_status = status
@@ -377,7 +380,7 @@ cdef class Exchange:
     cdef void response_head(self, UpstreamConnection conn, int status) except *:
         cdef WorkerCore core = self.client.core
         cdef list out = [status_line(status)]
-        self.upstream_time = monotonic() - self.upstream_start
+        self.upstream_time = self.client.core.now - self.upstream_start
         self.response_started = True
         self.status = status
         if status == 101:
@@ -426,7 +429,7 @@ cdef class Exchange:
         if self.frame == FRAME_CHUNKED:
             self.client.write(LAST_CHUNK)
         if self.upstream_time < 0 and self.upstream_start > 0:
-            self.upstream_time = monotonic() - self.upstream_start
+            self.upstream_time = self.client.core.now - self.upstream_start
         self.response_done = True
         self.client.exchange_done(self)
 
@@ -456,6 +459,7 @@ cdef class ClientConnection:
     # -- asyncio protocol -------------------------------------------------------
 
     def connection_made(self, transport):
+        self.core.now = monotonic()
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
@@ -465,6 +469,7 @@ cdef class ClientConnection:
         self.set_timer(TIMER_IDLE, self.core.client_header_timeout)
 
     def data_received(self, bytes data):
+        self.core.now = monotonic()
         try:
             self.receive(data)
         except Exception as exc:
@@ -498,6 +503,7 @@ cdef class ClientConnection:
         self.flush()
 
     def eof_received(self):
+        self.core.now = monotonic()
         if self.tunnel is not None:
             self.tunnel.close()
             return False
@@ -507,6 +513,7 @@ cdef class ClientConnection:
         return False
 
     def connection_lost(self, exc):
+        self.core.now = monotonic()
         cdef Exchange ex = self.current
         self.closing = True
         self.parser = None  # it holds our bound methods: break the cycle for refcounting
@@ -529,6 +536,7 @@ cdef class ClientConnection:
         self.core.connection_gone()
 
     def pause_writing(self):
+        self.core.now = monotonic()
         self.write_paused = True
         if self.tunnel is not None:
             self.tunnel.pause()
@@ -537,6 +545,7 @@ cdef class ClientConnection:
         self.set_timer(TIMER_SEND, self.core.send_timeout)
 
     def resume_writing(self):
+        self.core.now = monotonic()
         self.write_paused = False
         if self.tunnel is not None:
             self.tunnel.resume()
@@ -591,7 +600,7 @@ cdef class ClientConnection:
         cdef Exchange ex = self.parsing
         ex.body(body)
         if self.timer == TIMER_BODY:
-            self.deadline = monotonic() + self.core.client_body_timeout
+            self.deadline = self.core.now + self.core.client_body_timeout
 
     def on_message_complete(self):
         cdef Exchange ex = self.parsing
@@ -638,7 +647,7 @@ cdef class ClientConnection:
 
     cdef void set_timer(self, int kind, double timeout) except *:
         self.timer = kind
-        self.deadline = 0 if kind == TIMER_NONE else monotonic() + timeout
+        self.deadline = 0 if kind == TIMER_NONE else self.core.now + timeout
 
     cdef void timed_out(self) except *:
         cdef int kind = self.timer
@@ -654,7 +663,7 @@ cdef class ClientConnection:
         self.flush()
 
     cdef void record(self, Exchange ex) except *:
-        cdef double total = monotonic() - ex.started_at
+        cdef double total = self.core.now - ex.started_at
         cdef WorkerCore core = self.core
         core.metrics.request_done(ex.route.metric_id if ex.route is not None else -1,
                                   ex.status, total, ex.bytes_in, ex.bytes_out)

@@ -64,8 +64,8 @@ cdef class Router:
         self.uses_hosts = any(r.hosts or r.host_suffixes for r in routes)
 
     cdef CompiledRoute match(self, bytes host, bytes path, bytes method, list allowed):
-        """The best route, or None. When only methods kept routes out, their methods
-        are added to `allowed` so the caller can answer 405 with Allow."""
+        """The best route, or None. Given a list, the methods of routes that matched all
+        but the method are added to it (to answer 405 with Allow)."""
         cdef CompiledRoute route
         for route in self.ranked:
             if self.uses_hosts and not route.host_matches(host):
@@ -73,7 +73,8 @@ cdef class Router:
             if not route.path_matches(path):
                 continue
             if route.methods and method not in route.methods:
-                allowed.extend(route.methods)
+                if allowed is not None:
+                    allowed.extend(route.methods)
                 continue
             return route
         return None

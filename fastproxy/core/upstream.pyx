@@ -77,7 +77,7 @@ cdef class UpstreamPool:
         conn.connect_task = self.core.loop.create_task(self.core.loop.create_connection(
             conn._protocol, self.hosts[server], self.ports[server]))
         conn.connect_task.add_done_callback(conn._connect_done)
-        conn.deadline = monotonic() + self.connect_timeout
+        conn.deadline = self.core.now + self.connect_timeout
         self.core.upstreams.add(conn)
 
     cdef void release(self, UpstreamConnection conn) except *:
@@ -89,7 +89,7 @@ cdef class UpstreamPool:
             conn.close()
             return
         conn.state = UP_IDLE
-        conn.idle_at = monotonic()
+        conn.idle_at = self.core.now
         conn.deadline = conn.idle_at + self.keepalive_timeout
         (<list>self.idle[conn.server]).append(conn)
         self.idle_count += 1
@@ -163,6 +163,7 @@ cdef class UpstreamConnection:
         return self
 
     def _connect_done(self, task):
+        self.pool.core.now = monotonic()
         try:
             self.connect_done(task)
         except Exception as exc:
@@ -240,6 +241,7 @@ cdef class UpstreamConnection:
             self.pool.core.report_error(exc)
 
     def connection_made(self, transport):
+        self.pool.core.now = monotonic()
         try:
             self.made(transport)
         except Exception as exc:
@@ -258,6 +260,7 @@ cdef class UpstreamConnection:
         self.exchange.upstream_ready(self)
 
     def data_received(self, bytes data):
+        self.pool.core.now = monotonic()
         try:
             self.receive(data)
         except Exception as exc:
@@ -277,7 +280,7 @@ cdef class UpstreamConnection:
             self.head_buf = data if self.head_buf is None else self.head_buf + data
         self.got_bytes = True
         if not self.read_paused:
-            self.deadline = monotonic() + self.pool.read_timeout
+            self.deadline = self.pool.core.now + self.pool.read_timeout
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -299,6 +302,7 @@ cdef class UpstreamConnection:
         return False
 
     def connection_lost(self, exc):
+        self.pool.core.now = monotonic()
         try:
             self.lost(exc)
         except Exception as error:
@@ -337,14 +341,16 @@ cdef class UpstreamConnection:
                            "closed the connection before the response was complete")
 
     def pause_writing(self):
+        self.pool.core.now = monotonic()
         if self.exchange is not None:
             self.exchange.client.pause_reading(PAUSE_UPSTREAM_FULL)
-            self.deadline = monotonic() + self.pool.send_timeout
+            self.deadline = self.pool.core.now + self.pool.send_timeout
 
     def resume_writing(self):
+        self.pool.core.now = monotonic()
         if self.exchange is not None:
             self.exchange.client.resume_reading(PAUSE_UPSTREAM_FULL)
-            self.deadline = 0 if not self.exchange.request_done else monotonic() + self.pool.read_timeout
+            self.deadline = 0 if not self.exchange.request_done else self.pool.core.now + self.pool.read_timeout
 
     # -- httptools callbacks ----------------------------------------------------
 
@@ -484,7 +490,7 @@ cdef class UpstreamConnection:
         if self.read_paused and self.transport is not None:
             self.read_paused = False
             if self.state == UP_BUSY:
-                self.deadline = monotonic() + self.pool.read_timeout
+                self.deadline = self.pool.core.now + self.pool.read_timeout
             self.transport.resume_reading()
 
     cdef void timed_out(self) except *:
