@@ -113,7 +113,7 @@ cdef class Exchange:
             self.fwd_headers.append((name, value))
         # other hop-by-hop headers and X-Forwarded-Proto/-Host are dropped: we set our own
 
-    cdef void head_complete(self, object parser) except *:
+    cdef void head_complete(self) except *:
         """Validate and route a complete request head; answer or start forwarding."""
         cdef ClientConnection client = self.client
         cdef WorkerCore core = client.core
@@ -121,14 +121,14 @@ cdef class Exchange:
         cdef bytes host
         cdef Py_ssize_t q
         self.head_done = True
-        self.method = parser.get_method()
-        self.keep_alive = parser.should_keep_alive()
+        self.method = client.get_method()
+        self.keep_alive = client.should_keep_alive()
         if self.conn_tokens is None:
             # without a Connection header only HTTP/1.1 keeps the connection alive: the
             # version follows without building get_http_version()'s string
             self.http11 = self.keep_alive
         else:
-            self.http11 = parser.get_http_version() == "1.1"
+            self.http11 = client.parser.get_http_version() == "1.1"
         self.is_head = self.method == b"HEAD"
         if self.request_id is None:
             self.request_id = core.ids.next()
@@ -309,7 +309,7 @@ cdef class Exchange:
     cdef void upstream_ready(self, UpstreamConnection conn) except *:
         cdef list pending = self.up_out
         if pending is None:
-            conn.transport.write(self.upstream_head)
+            conn.write_one(self.upstream_head)
         else:
             self.up_out = None
             self.up_out_size = 0
@@ -438,6 +438,8 @@ cdef class ClientConnection:
     cdef WorkerCore core
     cdef object transport
     cdef object parser
+    # bound methods looked up once per connection instead of once per call
+    cdef object feed, get_method, should_keep_alive, write_one, write_many
     cdef bytes addr
     cdef Exchange current        # the exchange being answered
     cdef Exchange parsing        # the exchange whose request is being read
@@ -455,12 +457,17 @@ cdef class ClientConnection:
     def __init__(self, WorkerCore core):
         self.core = core
         self.parser = HttpRequestParser(self)
+        self.feed = self.parser.feed_data
+        self.get_method = self.parser.get_method
+        self.should_keep_alive = self.parser.should_keep_alive
 
     # -- asyncio protocol -------------------------------------------------------
 
     def connection_made(self, transport):
         self.core.now = monotonic()
         self.transport = transport
+        self.write_one = transport.write
+        self.write_many = transport.writelines
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.addr = (<str>peer[0]).encode() if peer else b"-"
@@ -487,7 +494,7 @@ cdef class ClientConnection:
         if self.closing or self.parse_failed:
             return
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except HttpParserUpgrade as exc:
             self.upgrade_requested(data[exc.args[0]:])
         except HttpParserError as exc:
@@ -516,7 +523,9 @@ cdef class ClientConnection:
         self.core.now = monotonic()
         cdef Exchange ex = self.current
         self.closing = True
-        self.parser = None  # it holds our bound methods: break the cycle for refcounting
+        # the parser and the transport's bound methods refer back to us: break the cycles
+        self.parser = self.feed = self.get_method = self.should_keep_alive = None
+        self.write_one = self.write_many = None
         self.core.clients.discard(self)
         self.core.metrics.connection_closed()
         if self.tunnel is not None:
@@ -586,7 +595,7 @@ cdef class ClientConnection:
     def on_headers_complete(self):
         cdef Exchange ex = self.parsing
         ex.bytes_in = ex.head_size + len(ex.url if ex.url is not None else b"") + 16
-        ex.head_complete(self.parser)
+        ex.head_complete()
         if self.parse_failed:
             raise STOP_REQUEST
         if ex is self.current:
@@ -626,13 +635,13 @@ cdef class ClientConnection:
 
     cdef void flush(self) except *:
         cdef list out = self.out
-        if out is None:
+        if out is None or self.write_one is None:  # nothing to write, or the connection is gone
             return
         self.out = None
         if len(out) == 1:
-            self.transport.write(<bytes>out[0])
+            self.write_one(<bytes>out[0])
         else:
-            self.transport.writelines(out)  # one writev, no copy of the body into a joined buffer
+            self.write_many(out)  # one writev, no copy of the body into a joined buffer
 
     cdef void pause_reading(self, int reason) except *:
         if self.paused == 0 and not self.closing:

@@ -132,6 +132,8 @@ cdef class UpstreamConnection:
     cdef int attempts_left
     cdef object transport
     cdef object parser
+    # bound methods looked up once per parser / transport instead of once per call
+    cdef object feed, status_code, keep_alive, write_one, write_many
     cdef object connect_task
     cdef Exchange exchange
     cdef double deadline
@@ -157,7 +159,7 @@ cdef class UpstreamConnection:
     def __init__(self, UpstreamPool pool, int server):
         self.pool = pool
         self.server = server
-        self.parser = HttpResponseParser(self)
+        self.new_parser()
 
     def _protocol(self):
         return self
@@ -182,7 +184,7 @@ cdef class UpstreamConnection:
     cdef void connect_failed(self, int kind, str reason) except *:
         cdef Exchange ex = self.exchange
         self.state = UP_CLOSED
-        self.parser = None
+        self.drop_references()
         self.pool.core.upstreams.discard(self)
         self.exchange = None
         if kind == UPSTREAM_CONNECT and self.attempts_left > 0 and ex is not None \
@@ -249,6 +251,8 @@ cdef class UpstreamConnection:
 
     cdef void made(self, object transport) except *:
         self.transport = transport
+        self.write_one = transport.write
+        self.write_many = transport.writelines
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.state = UP_BUSY
         self.deadline = 0
@@ -282,15 +286,15 @@ cdef class UpstreamConnection:
         if not self.read_paused:
             self.deadline = self.pool.core.now + self.pool.read_timeout
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except HttpParserUpgrade as exc:
             self.upgraded(data[exc.args[0]:])
         except _StopResponse:
-            self.parser = HttpResponseParser(self)
+            self.new_parser()
             self.response_complete()
         except HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _StopResponse):
-                self.parser = HttpResponseParser(self)
+                self.new_parser()
                 self.response_complete()
             else:
                 self.internal_error(exc.__context__)
@@ -312,7 +316,7 @@ cdef class UpstreamConnection:
         cdef Exchange ex = self.exchange
         cdef int previous = self.state
         self.state = UP_CLOSED
-        self.parser = None  # it holds our bound methods: break the cycle for refcounting
+        self.drop_references()
         self.pool.core.upstreams.discard(self)
         if previous == UP_IDLE:
             self.pool.forget_idle(self)
@@ -360,7 +364,7 @@ cdef class UpstreamConnection:
     # objects per header.
 
     def on_headers_complete(self):
-        cdef int status = self.parser.get_status_code()
+        cdef int status = self.status_code()
         cdef bytes raw = self.head_buf
         cdef Py_ssize_t end = find_crlfcrlf(raw, self.head_start) + 2
         cdef Py_ssize_t first = find_byte(raw, b'\n', self.head_start) + 1  # after the status line
@@ -375,7 +379,7 @@ cdef class UpstreamConnection:
                            frozenset(extra_tokens(self.resp_conn_tokens)))
         self.head_buf = None
         self.response_head_seen = True
-        self.resp_keep_alive = self.parser.should_keep_alive()
+        self.resp_keep_alive = self.keep_alive()
         self.switching = status == 101
         self.exchange.response_head(self, status)
         if self.exchange.is_head:
@@ -393,6 +397,17 @@ cdef class UpstreamConnection:
         self.response_complete()
 
     # -- helpers ----------------------------------------------------------------
+
+    cdef void new_parser(self) except *:
+        self.parser = HttpResponseParser(self)
+        self.feed = self.parser.feed_data
+        self.status_code = self.parser.get_status_code
+        self.keep_alive = self.parser.should_keep_alive
+
+    cdef void drop_references(self) except *:
+        """The parser and the transport's bound methods refer back to us: break the cycles."""
+        self.parser = self.feed = self.status_code = self.keep_alive = None
+        self.write_one = self.write_many = None
 
     cdef void scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
                         frozenset drop) except *:
@@ -476,9 +491,9 @@ cdef class UpstreamConnection:
 
     cdef void send(self, list out) except *:
         if len(out) == 1:
-            self.transport.write(<bytes>out[0])
+            self.write_one(<bytes>out[0])
         else:
-            self.transport.writelines(out)  # one writev, no copy into a joined buffer
+            self.write_many(out)  # one writev, no copy into a joined buffer
 
     cdef void pause(self) except *:
         if not self.read_paused and self.transport is not None:
