@@ -114,25 +114,29 @@ cdef class AccessLog:
         cdef bytes up_time = seconds3(ex.upstream_time)
         cdef bytes method = ex.method if ex.method is not None else b"-"
         cdef bytes url = ex.url if ex.url is not None else b"-"
+        cdef bytes version = b"1.1" if ex.http11 else b"1.0"
+        # a join of pieces: %-formatting re-parses its format on every call
         if self.fmt == LOG_COMBINED:
-            self.buf += b'%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" "%s" %s %s %s\n' % (
-                client_addr, self.time_local, escape_combined(method), escape_combined(url),
-                b"1.1" if ex.http11 else b"1.0", status, ex.bytes_out,
-                escape_combined(ex.referer) if ex.referer is not None else b"-",
-                escape_combined(ex.user_agent) if ex.user_agent is not None else b"-",
-                ex.request_id, up_addr, up_time, seconds3(total))
+            self.buf += b"".join([
+                client_addr, b" - - [", self.time_local, b'] "', escape_combined(method), b" ",
+                escape_combined(url), b" HTTP/", version, b'" ', decimal(status), b" ",
+                decimal(ex.bytes_out), b' "',
+                escape_combined(ex.referer) if ex.referer is not None else b"-", b'" "',
+                escape_combined(ex.user_agent) if ex.user_agent is not None else b"-", b'" "',
+                ex.request_id, b'" ', up_addr, b" ", up_time, b" ", seconds3(total), b"\n"])
         else:
-            self.buf += (
-                b'{"time":"%s","remote_addr":"%s","request_id":"%s","method":"%s","uri":"%s",'
-                b'"protocol":"HTTP/%s","status":%d,"bytes_sent":%d,"bytes_received":%d,'
-                b'"referer":"%s","user_agent":"%s","route":"%s","upstream_addr":"%s",'
-                b'"upstream_time":%s,"request_time":%s}\n') % (
-                self.time_iso, client_addr, ex.request_id, escape_json(method),
-                escape_json(url), b"1.1" if ex.http11 else b"1.0", status, ex.bytes_out,
-                ex.bytes_in, escape_json(ex.referer) if ex.referer is not None else b"",
+            self.buf += b"".join([
+                b'{"time":"', self.time_iso, b'","remote_addr":"', client_addr,
+                b'","request_id":"', ex.request_id, b'","method":"', escape_json(method),
+                b'","uri":"', escape_json(url), b'","protocol":"HTTP/', version,
+                b'","status":', decimal(status), b',"bytes_sent":', decimal(ex.bytes_out),
+                b',"bytes_received":', decimal(ex.bytes_in), b',"referer":"',
+                escape_json(ex.referer) if ex.referer is not None else b"",
+                b'","user_agent":"',
                 escape_json(ex.user_agent) if ex.user_agent is not None else b"",
-                ex.route.name.encode() if ex.route is not None else b"",
-                up_addr if ex.upstream_addr is not None else b"",
-                up_time if ex.upstream_time >= 0 else b"null", seconds3(total))
+                b'","route":"', ex.route.log_name if ex.route is not None else b"",
+                b'","upstream_addr":"', up_addr if ex.upstream_addr is not None else b"",
+                b'","upstream_time":', up_time if ex.upstream_time >= 0 else b"null",
+                b',"request_time":', seconds3(total), b"}\n"])
         if len(self.buf) >= self.limit:
             self.flush()

@@ -68,6 +68,7 @@ cdef class WorkerCore:
         cdef CompiledRoute cr = CompiledRoute()
         handler = route.handler
         cr.name = route.name
+        cr.log_name = escape_json(route.name.encode())
         cr.metric_id = metric_id
         cr.hosts = tuple(h for h in route.hosts if not h.startswith(b"*."))
         cr.host_suffixes = tuple(h[1:] for h in route.hosts if h.startswith(b"*."))

@@ -537,8 +537,9 @@ cdef class ClientConnection:
             if ex.upstream is not None:
                 ex.upstream.close()
                 ex.upstream = None
-            ex.status = 499  # nginx's code for "client closed the connection first"
-            self.record(ex)
+            if ex.head_done:  # a request never fully read is not logged (as nginx)
+                ex.status = 499  # nginx's code for "client closed the connection first"
+                self.record(ex)
         self.current = None
         self.parsing = None
         self.queue = None

@@ -8,6 +8,7 @@ cdef enum:
 
 cdef class CompiledRoute:
     cdef readonly str name
+    cdef bytes log_name       # name, JSON-escaped, for the access log
     cdef int metric_id
     cdef int handler
     cdef readonly tuple hosts          # exact lower-case hosts
