@@ -53,12 +53,19 @@ cdef bytes escape_json(bytes value):
 
 
 cdef inline bytes seconds3(double value):
+    """Seconds with millisecond precision ("0.004"), or "-" for no value."""
     cdef char buf[32]
+    cdef uint64_t ms
     cdef int n
     if value < 0:
         return b"-"
-    n = snprintf(buf, sizeof(buf), "%.3f", value)
-    return PyBytes_FromStringAndSize(buf, n)
+    ms = <uint64_t>(value * 1000.0 + 0.5)
+    buf[31] = <char>(ASCII_ZERO + ms % 10)
+    buf[30] = <char>(ASCII_ZERO + ms // 10 % 10)
+    buf[29] = <char>(ASCII_ZERO + ms // 100 % 10)
+    buf[28] = b'.'
+    n = write_digits(buf + 28, ms // 1000) + 4
+    return PyBytes_FromStringAndSize(buf + 32 - n, n)
 
 
 cdef class AccessLog:

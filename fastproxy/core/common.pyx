@@ -206,10 +206,26 @@ cdef inline bytes chunk_header(Py_ssize_t size):
     return PyBytes_FromStringAndSize(buf, n)
 
 
+cdef enum:
+    ASCII_ZERO = 48  # '0'
+
+
+cdef inline int write_digits(char *end, uint64_t value) noexcept:
+    """Write value's decimal digits so that they end just before `end`; return how many."""
+    cdef int n = 0
+    while True:
+        n += 1
+        end[-n] = <char>(ASCII_ZERO + value % 10)
+        value //= 10
+        if value == 0:
+            return n
+
+
 cdef inline bytes decimal(Py_ssize_t value):
+    """str(value).encode() for value >= 0, without printf's format parsing."""
     cdef char buf[24]
-    cdef int n = snprintf(buf, sizeof(buf), "%zd", value)
-    return PyBytes_FromStringAndSize(buf, n)
+    cdef int n = write_digits(buf + 24, <uint64_t>value if value > 0 else 0)
+    return PyBytes_FromStringAndSize(buf + 24 - n, n)
 
 
 cdef inline bint valid_request_id(bytes value) noexcept:
