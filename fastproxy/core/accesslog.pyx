@@ -7,21 +7,27 @@ cdef enum:
     LOG_JSON = 2
 
 
+cdef inline bint needs_escape(unsigned char c) noexcept:
+    return c < 32 or c >= 127 or c == b'"' or c == b'\\'
+
+
+cdef bint is_plain(bytes value) noexcept:
+    """No byte of value needs escaping in either format (the common case: no copy)."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t i
+    for i in range(PyBytes_GET_SIZE(value)):
+        if needs_escape(p[i]):
+            return False
+    return True
+
+
 cdef bytes escape_combined(bytes value):
     """Quote-safe for the combined format: '"', '\\' and non-printables as \\xHH."""
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
-    cdef unsigned char c
-    for i in range(n):
-        c = p[i]
-        if c < 32 or c >= 127 or c == b'"' or c == b'\\':
-            break
-    else:
+    if is_plain(value):
         return value
     out = bytearray()
-    for i in range(n):
-        c = p[i]
-        if c < 32 or c >= 127 or c == b'"' or c == b'\\':
+    for c in value:
+        if needs_escape(c):
             out += b"\\x%02X" % c
         else:
             out.append(c)
@@ -30,22 +36,14 @@ cdef bytes escape_combined(bytes value):
 
 cdef bytes escape_json(bytes value):
     """A JSON string body; bytes outside printable ASCII become \\u00XX so the line is valid UTF-8."""
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
-    cdef unsigned char c
-    for i in range(n):
-        c = p[i]
-        if c < 32 or c >= 127 or c == b'"' or c == b'\\':
-            break
-    else:
+    if is_plain(value):
         return value
     out = bytearray()
-    for i in range(n):
-        c = p[i]
-        if c == b'"' or c == b'\\':
-            out.append(b'\\')
+    for c in value:
+        if c == 34 or c == 92:  # '"' and '\\'
+            out.append(92)
             out.append(c)
-        elif c < 32 or c >= 127:
+        elif needs_escape(c):
             out += b"\\u%04x" % c
         else:
             out.append(c)
