@@ -547,36 +547,28 @@ cdef class ClientConnection:
 
     def pause_writing(self):
         self.core.now = monotonic()
+        cdef UpstreamConnection source = self.feeding()
         self.write_paused = True
-        if self.tunnel is not None:
-            self.tunnel.pause()
-        elif self.current is not None and self.current.upstream is not None:
-            self.current.upstream.pause()
+        if source is not None:
+            source.pause()
         self.set_timer(TIMER_SEND, self.core.send_timeout)
 
     def resume_writing(self):
         self.core.now = monotonic()
+        cdef UpstreamConnection source = self.feeding()
         self.write_paused = False
-        if self.tunnel is not None:
-            self.tunnel.resume()
-        elif self.current is not None and self.current.upstream is not None:
-            self.current.upstream.resume()
+        if source is not None:
+            source.resume()
         if self.timer == TIMER_SEND:
             self.set_timer(TIMER_NONE, 0)
 
     # -- httptools callbacks ----------------------------------------------------
 
     def on_message_begin(self):
-        cdef Exchange ex = Exchange.new(self)
-        self.parsing = ex
+        self.parsing = self.begin_exchange()
         self.head_raw = 0
-        if self.current is None:
-            self.current = ex
+        if self.parsing is self.current:
             self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
-        else:
-            if self.queue is None:
-                self.queue = deque()
-            self.queue.append(ex)
 
     def on_url(self, bytes url):
         cdef Exchange ex = self.parsing
@@ -625,6 +617,23 @@ cdef class ClientConnection:
             self.pause_reading(PAUSE_PIPELINE)
 
     # -- flow -------------------------------------------------------------------
+
+    cdef Exchange begin_exchange(self):
+        """A new exchange: answered now if none is, else queued behind (pipelining)."""
+        cdef Exchange ex = Exchange.new(self)
+        if self.current is None:
+            self.current = ex
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(ex)
+        return ex
+
+    cdef UpstreamConnection feeding(self):
+        """The upstream connection whose reads become our writes, if any."""
+        if self.tunnel is not None:
+            return self.tunnel
+        return self.current.upstream if self.current is not None else None
 
     cdef void write(self, bytes data) except *:
         if self.current is not None:
@@ -732,15 +741,7 @@ cdef class ClientConnection:
         cdef Exchange ex
         if self.parse_failed or self.closing:
             return  # already answered from a callback
-        ex = self.parsing
-        if ex is None:
-            ex = Exchange.new(self)
-            if self.current is None:
-                self.current = ex
-            else:
-                if self.queue is None:
-                    self.queue = deque()
-                self.queue.append(ex)
+        ex = self.parsing if self.parsing is not None else self.begin_exchange()
         if isinstance(exc, HttpParserCallbackError) and not isinstance(exc.__context__, _StopRequest):
             self.core.report_error(exc.__context__)
             ex.fail(500)
