@@ -10,7 +10,6 @@ cdef class WorkerCore:
     cdef MetricsWriter metrics
     cdef AccessLog access_log
     cdef set clients
-    cdef set upstreams
     cdef RequestIds ids
     cdef bint draining
     cdef double drain_deadline
@@ -38,7 +37,6 @@ cdef class WorkerCore:
         self.on_drained = on_drained
         self.error_logger = error_logger
         self.clients = set()
-        self.upstreams = set()
         self.ids = RequestIds()
         self.metrics = MetricsWriter.new(metrics_buffer, counter_slot)
         self.max_uri_size = main.max_uri_size
@@ -110,8 +108,10 @@ cdef class WorkerCore:
         for client in list(self.clients):
             if client.deadline and client.deadline <= now:
                 client.timed_out()
-        for conn in list(self.upstreams):
-            if conn.deadline and conn.deadline <= now:
+        for client in list(self.clients):
+            # a busy upstream connection always belongs to a client's current exchange
+            conn = client.current.upstream if client.current is not None else None
+            if conn is not None and conn.deadline and conn.deadline <= now:
                 conn.timed_out()
         for pool in self.pools_by_name.values():
             pool.expire_idle(now, now - self.tick_interval)

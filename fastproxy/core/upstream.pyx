@@ -78,7 +78,6 @@ cdef class UpstreamPool:
             conn._protocol, self.hosts[server], self.ports[server]))
         conn.connect_task.add_done_callback(conn._connect_done)
         conn.deadline = self.core.now + self.connect_timeout
-        self.core.upstreams.add(conn)
 
     cdef void release(self, UpstreamConnection conn) except *:
         """Back to the idle list after a complete exchange. The surplus over `keepalive`
@@ -185,7 +184,6 @@ cdef class UpstreamConnection:
         cdef Exchange ex = self.exchange
         self.state = UP_CLOSED
         self.drop_references()
-        self.pool.core.upstreams.discard(self)
         self.exchange = None
         if kind == UPSTREAM_CONNECT and self.attempts_left > 0 and ex is not None \
                 and not ex.aborted:
@@ -230,7 +228,6 @@ cdef class UpstreamConnection:
         self.resp_chunked = False
         if self.state == UP_IDLE:
             self.state = UP_BUSY
-            self.pool.core.upstreams.add(self)
 
     # -- asyncio protocol -------------------------------------------------------
 
@@ -258,7 +255,6 @@ cdef class UpstreamConnection:
         self.deadline = 0
         if self.exchange is None or self.exchange.aborted:
             self.exchange = None
-            self.pool.core.upstreams.discard(self)
             self.pool.release(self)  # connected for a client that left: keep it for the next
             return
         self.exchange.upstream_ready(self)
@@ -317,7 +313,6 @@ cdef class UpstreamConnection:
         cdef int previous = self.state
         self.state = UP_CLOSED
         self.drop_references()
-        self.pool.core.upstreams.discard(self)
         if previous == UP_IDLE:
             self.pool.forget_idle(self)
             return
@@ -466,7 +461,6 @@ cdef class UpstreamConnection:
         cdef bint reusable = self.resp_keep_alive and ex.request_done and not ex.upgrading
         self.requests += 1
         self.deadline = 0
-        self.pool.core.upstreams.discard(self)
         if reusable:
             self.pool.release(self)
         else:
@@ -486,7 +480,6 @@ cdef class UpstreamConnection:
         cdef Exchange ex = self.exchange
         self.state = UP_TUNNEL
         self.deadline = 0
-        self.pool.core.upstreams.discard(self)
         ex.client.start_tunnel(self, rest)
 
     cdef void send(self, list out) except *:
@@ -523,7 +516,6 @@ cdef class UpstreamConnection:
         if self.state == UP_IDLE:
             self.pool.forget_idle(self)
         self.state = UP_CLOSED
-        self.pool.core.upstreams.discard(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
         if self.transport is not None:
