@@ -317,6 +317,8 @@ cdef class Exchange:
             conn.send(pending)
         if self.request_done:
             conn.deadline = self.client.core.now + conn.pool.read_timeout
+        if self.client.write_paused:
+            conn.pause()  # the client's buffer is still full from the previous response
         self.client.resume_reading(PAUSE_BUFFERED)
 
     cdef void upstream_failed(self, int status) except *:
