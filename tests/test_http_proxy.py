@@ -219,7 +219,8 @@ def test_keepalive_requests_limit(make_proxy, origin):
 def test_access_log_lines(make_proxy, origin, fmt):
     p = make_proxy({"access_log": {"format": fmt, "flush": "100ms"}, "upstreams": {"o": upstream(origin)},
                     "routes": [{"name": "all", "path_prefix": "/", "upstream": "o"}]})
-    fetch(p.port, "GET", "/echo?logged", [("X-Request-ID", "log-me-123"), ("User-Agent", "agent/1")])
+    # quotes and a backslash must not break either format's quoting
+    fetch(p.port, "GET", "/echo?logged", [("X-Request-ID", "log-me-123"), ("User-Agent", 'agent/1 "q" \\')])
     fetch(p.port, "GET", "/reset", [("X-Request-ID", "log-me-502")])
 
     def lines():
@@ -233,9 +234,11 @@ def test_access_log_lines(make_proxy, origin, fmt):
         values = {str(v) for v in rec.values()}
         assert "log-me-123" in values and "200" in values and origin.address in values, rec
         assert any("/echo?logged" in v for v in values), rec
+        assert rec["user_agent"] == 'agent/1 "q" \\', rec
         assert "502" in {str(v) for v in json.loads(bad_line).values()}, bad_line
     else:
-        assert '"GET /echo?logged HTTP/1.1" 200 ' in ok_line and '"agent/1"' in ok_line, ok_line
+        assert '"GET /echo?logged HTTP/1.1" 200 ' in ok_line, ok_line
+        assert '"agent/1 \\x22q\\x22 \\x5C"' in ok_line, ok_line
         assert "log-me-123" in ok_line and origin.address in ok_line, ok_line
         assert '"GET /reset HTTP/1.1" 502 ' in bad_line, bad_line
 
