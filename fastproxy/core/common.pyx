@@ -1,6 +1,7 @@
 # Shared by every part of the core: clock, header classification, status lines,
 # request ids, error bodies. Included first by _core.pyx.
 
+cimport cython
 from libc.stdint cimport uint64_t, int64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
@@ -8,6 +9,7 @@ from libc.string cimport memchr, memcpy
 cdef extern from "string.h":
     void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen) nogil
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import os
@@ -100,24 +102,38 @@ cdef int header_kind_at(const char *p, Py_ssize_t n) noexcept:
     return H_OTHER
 
 
-cdef inline bint ends_with_chunked(bytes value) noexcept:
+cdef inline bint ends_with_chunked(const char *p, Py_ssize_t n) noexcept:
     """True when the last transfer coding of a Transfer-Encoding value is chunked."""
-    cdef const char *p = PyBytes_AS_STRING(value)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
     while n > 0 and (p[n - 1] == b' ' or p[n - 1] == b'\t'):
         n -= 1
     return n >= 7 and strncasecmp(p + n - 7, b"chunked", 7) == 0 and (
         n == 7 or p[n - 8] == b',' or p[n - 8] == b' ' or p[n - 8] == b'\t')
 
 
-cdef list extra_tokens(list tokens):
-    """Connection tokens that name headers (not the close/keep-alive/upgrade options)."""
-    return [t for t in tokens if t != b"close" and t != b"keep-alive" and t != b"upgrade"]
+cdef inline bint plain_connection(const char *p, Py_ssize_t n) noexcept:
+    """A Connection value of just keep-alive or close: the usual one, and it names no header."""
+    return name_is(p, n, b"keep-alive", 10) or name_is(p, n, b"close", 5)
 
 
 cdef list connection_tokens(bytes value):
-    """Lower-cased tokens of a Connection header (once per request that has one)."""
+    """Lower-cased tokens of a Connection header."""
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+cdef frozenset hop_by_hop_names(list tokens):
+    """Header names a Connection header lists (hop-by-hop for this message), or None."""
+    names = frozenset(tokens) - CONNECTION_OPTIONS
+    return names if names else None
+
+
+cdef inline frozenset union(frozenset a, frozenset b):
+    """a | b where None stands for the empty set (several Connection headers)."""
+    if a is None:
+        return b
+    return a if b is None else a | b
+
+
+cdef frozenset CONNECTION_OPTIONS = frozenset([b"close", b"keep-alive", b"upgrade"])
 
 
 REASONS = {
@@ -226,6 +242,62 @@ cdef inline bytes decimal(Py_ssize_t value):
     cdef char buf[24]
     cdef int n = write_digits(buf + 24, <uint64_t>value if value > 0 else 0)
     return PyBytes_FromStringAndSize(buf + 24 - n, n)
+
+
+@cython.final
+cdef class ByteWriter:
+    """A growable C buffer a message is built in: each piece is copied once and the
+    result is one bytes object, with no list of pieces and no join. Single-threaded
+    and reused: the worker builds every head in one, the access log buffers in another."""
+    cdef char *data
+    cdef Py_ssize_t size, capacity
+
+    def __cinit__(self, Py_ssize_t capacity):
+        self.data = <char *>PyMem_Malloc(capacity)
+        if self.data == NULL:
+            raise MemoryError()
+        self.capacity = capacity
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+    cdef inline void clear(self) noexcept:
+        """Start a new message (whatever a failed build left behind is dropped)."""
+        self.size = 0
+
+    cdef int grow(self, Py_ssize_t need) except -1:
+        cdef Py_ssize_t capacity = max(self.capacity * 2, self.size + need)
+        cdef char *data = <char *>PyMem_Realloc(self.data, capacity)
+        if data == NULL:
+            raise MemoryError()
+        self.data = data
+        self.capacity = capacity
+        return 0
+
+    cdef inline char *reserve(self, Py_ssize_t n) except NULL:
+        """Room for n more bytes at the end; the caller fills them and adds n to size."""
+        if self.size + n > self.capacity:
+            self.grow(n)
+        return self.data + self.size
+
+    cdef inline int add_raw(self, const char *p, Py_ssize_t n) except -1:
+        memcpy(self.reserve(n), p, n)
+        self.size += n
+        return 0
+
+    cdef inline int add(self, bytes piece) except -1:
+        return self.add_raw(PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece))
+
+    cdef inline int add_decimal(self, Py_ssize_t value) except -1:
+        cdef char buf[24]
+        cdef int n = write_digits(buf + 24, <uint64_t>value if value > 0 else 0)
+        return self.add_raw(buf + 24 - n, n)
+
+    cdef bytes take(self):
+        """What was built since the last take(); the buffer starts over."""
+        cdef bytes out = PyBytes_FromStringAndSize(self.data, self.size)
+        self.size = 0
+        return out
 
 
 cdef inline bint valid_request_id(bytes value) noexcept:

@@ -11,6 +11,7 @@ cdef class WorkerCore:
     cdef AccessLog access_log
     cdef set clients
     cdef RequestIds ids
+    cdef ByteWriter head_writer  # every message head is built in it, then taken as bytes
     cdef bint draining
     cdef double drain_deadline
     # monotonic time of the event-loop callback being run: every entry point from the
@@ -38,6 +39,7 @@ cdef class WorkerCore:
         self.error_logger = error_logger
         self.clients = set()
         self.ids = RequestIds()
+        self.head_writer = ByteWriter(4096)
         self.metrics = MetricsWriter.new(metrics_buffer, counter_slot)
         self.max_uri_size = main.max_uri_size
         self.max_header_size = max([main.max_header_size] + [r.max_header_size for r in runtime.routes])

@@ -48,8 +48,8 @@ cdef class Exchange:
     cdef CompiledRoute route
     cdef UpstreamConnection upstream
     cdef bytes method, url, path, host, request_id, xff, referer, user_agent, upstream_addr
-    cdef list fwd_headers
-    cdef list conn_tokens
+    cdef list fwd_headers       # name, value, name, value, ... in arrival order
+    cdef frozenset conn_drop    # header names the Connection header lists
     cdef list up_out            # upstream-bound bytes not yet written
     cdef Py_ssize_t up_out_size
     cdef bytes upstream_head    # kept for a retry on a fresh connection
@@ -59,6 +59,7 @@ cdef class Exchange:
     cdef int status
     cdef int frame
     cdef bint http11, keep_alive, chunked_in, has_length, expect_continue
+    cdef bint has_connection, conn_upgrade
     cdef bint upgrade_websocket, upgrading, is_head, head_done, request_done
     cdef bint response_started, response_done, aborted, retried, close_after
     cdef Py_ssize_t content_length, body_received, head_size
@@ -80,7 +81,8 @@ cdef class Exchange:
     cdef void header(self, bytes name, bytes value) except *:
         cdef int kind = header_kind(name)
         if kind == H_OTHER:
-            self.fwd_headers.append((name, value))
+            self.fwd_headers.append(name)
+            self.fwd_headers.append(value)
         elif kind == H_HOST:
             self.host_count += 1
             self.host = value
@@ -90,7 +92,11 @@ cdef class Exchange:
         elif kind == H_TRANSFER_ENCODING:
             self.chunked_in = True  # llhttp already refused any coding list not ending in chunked
         elif kind == H_CONNECTION:
-            self.conn_tokens = connection_tokens(value)
+            self.has_connection = True
+            tokens = connection_tokens(value)
+            if b"upgrade" in tokens:
+                self.conn_upgrade = True
+            self.conn_drop = union(self.conn_drop, hop_by_hop_names(tokens))
         elif kind == H_UPGRADE:
             self.upgrade_websocket = value.strip().lower() == b"websocket"
         elif kind == H_EXPECT:
@@ -105,12 +111,15 @@ cdef class Exchange:
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif kind == H_USER_AGENT:
             self.user_agent = value
-            self.fwd_headers.append((name, value))
+            self.fwd_headers.append(name)
+            self.fwd_headers.append(value)
         elif kind == H_REFERER:
             self.referer = value
-            self.fwd_headers.append((name, value))
+            self.fwd_headers.append(name)
+            self.fwd_headers.append(value)
         elif kind == H_SERVER or kind == H_DATE:
-            self.fwd_headers.append((name, value))
+            self.fwd_headers.append(name)
+            self.fwd_headers.append(value)
         # other hop-by-hop headers and X-Forwarded-Proto/-Host are dropped: we set our own
 
     cdef void head_complete(self) except *:
@@ -123,7 +132,7 @@ cdef class Exchange:
         self.head_done = True
         self.method = client.get_method()
         self.keep_alive = client.should_keep_alive()
-        if self.conn_tokens is None:
+        if not self.has_connection:
             # without a Connection header only HTTP/1.1 keeps the connection alive: the
             # version follows without building get_http_version()'s string
             self.http11 = self.keep_alive
@@ -132,8 +141,7 @@ cdef class Exchange:
         self.is_head = self.method == b"HEAD"
         if self.request_id is None:
             self.request_id = core.ids.next()
-        self.upgrading = self.conn_tokens is not None and b"upgrade" in self.conn_tokens \
-            and self.upgrade_websocket
+        self.upgrading = self.conn_upgrade and self.upgrade_websocket
         if self.url is None:
             self.url = b"/"
         if self.chunked_in:
@@ -185,8 +193,7 @@ cdef class Exchange:
         if self.route.handler == HANDLER_RESPOND:
             self.local_status = self.route.respond_status
             return
-        if self.conn_tokens is not None and b"upgrade" in self.conn_tokens \
-                and not self.upgrade_websocket and (self.content_length != 0):
+        if self.conn_upgrade and not self.upgrade_websocket and self.content_length != 0:
             self.fail(400)  # llhttp has skipped the body of an upgrade request: refuse it
             return
         self.upstream_head = self.build_upstream_head(core)
@@ -212,36 +219,46 @@ cdef class Exchange:
         return True
 
     cdef bytes build_upstream_head(self, WorkerCore core):
-        cdef list out = [self.method, b" ", self.url, b" HTTP/1.1\r\nHost: ", self.host, CRLF]
-        cdef tuple item
-        cdef list tokens = self.conn_tokens
-        for item in self.fwd_headers:
-            if tokens is not None and (<bytes>item[0]).lower() in tokens:
+        cdef ByteWriter out = core.head_writer
+        cdef list headers = self.fwd_headers
+        cdef frozenset drop = self.conn_drop
+        cdef bytes name
+        cdef Py_ssize_t i
+        out.clear()
+        out.add(self.method)
+        out.add(b" ")
+        out.add(self.url)
+        out.add(b" HTTP/1.1\r\nHost: ")
+        out.add(self.host)
+        out.add(CRLF)
+        for i in range(0, len(headers), 2):
+            name = <bytes>headers[i]
+            if drop is not None and name.lower() in drop:
                 continue  # named in Connection: hop-by-hop for this request
-            out.append(<bytes>item[0])
-            out.append(b": ")
-            out.append(<bytes>item[1])
-            out.append(CRLF)
-        out.append(b"X-Forwarded-For: ")
+            out.add(name)
+            out.add(b": ")
+            out.add(<bytes>headers[i + 1])
+            out.add(CRLF)
+        out.add(b"X-Forwarded-For: ")
         if self.xff is not None:
-            out.append(self.xff)
-            out.append(b", ")
-        out.append(self.client.addr)
-        out.append(b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
-        out.append(self.host)
-        out.append(b"\r\nX-Request-ID: ")
-        out.append(self.request_id)
-        out.append(CRLF)
+            out.add(self.xff)
+            out.add(b", ")
+        out.add(self.client.addr)
+        out.add(b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
+        out.add(self.host)
+        out.add(b"\r\nX-Request-ID: ")
+        out.add(self.request_id)
+        out.add(CRLF)
         if self.upgrading:
-            out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
+            out.add(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
         elif self.chunked_in:
-            out.append(CHUNKED_LINE)
+            out.add(CHUNKED_LINE)
         elif self.content_length > 0:
-            out.append(b"Content-Length: ")
-            out.append(decimal(self.content_length))
-            out.append(CRLF)
-        out.append(CRLF)
-        return b"".join(out)
+            out.add(b"Content-Length: ")
+            out.add_decimal(self.content_length)
+            out.add(CRLF)
+        out.add(CRLF)
+        return out.take()
 
     cdef void body(self, bytes data) except *:
         cdef Py_ssize_t n = len(data)
@@ -344,33 +361,37 @@ cdef class Exchange:
     cdef void respond_local(self) except *:
         cdef ClientConnection client = self.client
         cdef WorkerCore core = client.core
+        cdef ByteWriter out = core.head_writer
         cdef bytes body
-        cdef list out
         self.response_started = True
+        out.clear()
         self.status = self.local_status
         self.frame = FRAME_LENGTH
         if self.route is not None and self.route.handler == HANDLER_RESPOND \
                 and self.status == self.route.respond_status:
-            out = [self.route.respond_head]
+            out.add(self.route.respond_head)
             body = self.route.respond_body
         else:
             body = error_body(self.status, self.request_id if self.request_id is not None else b"")
-            out = [status_line(self.status), core.server_line,
-                   b"Content-Type: application/json\r\nContent-Length: ", decimal(len(body)), CRLF]
+            out.add(status_line(self.status))
+            out.add(core.server_line)
+            out.add(b"Content-Type: application/json\r\nContent-Length: ")
+            out.add_decimal(len(body))
+            out.add(CRLF)
             if self.status == 405 and self.allow is not None:
-                out.append(b"Allow: ")
-                out.append(self.allow)
-                out.append(CRLF)
-        out.append(core.date_line)
+                out.add(b"Allow: ")
+                out.add(self.allow)
+                out.add(CRLF)
+        out.add(core.date_line)
         if self.request_id is not None:
-            out.append(b"X-Request-ID: ")
-            out.append(self.request_id)
-            out.append(CRLF)
-        out.append(self.connection_line())
-        out.append(CRLF)
+            out.add(b"X-Request-ID: ")
+            out.add(self.request_id)
+            out.add(CRLF)
+        out.add(self.connection_line())
+        out.add(CRLF)
         if not self.is_head:
-            out.append(body)
-        client.write(b"".join(out))
+            out.add(body)
+        client.write(out.take())
         self.response_complete()
 
     cdef void fail(self, int status) except *:
@@ -379,44 +400,48 @@ cdef class Exchange:
         self.close_after = True
         self.client.refuse(self)
 
-    cdef void response_head(self, UpstreamConnection conn, int status) except *:
+    cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
+                            Py_ssize_t first, Py_ssize_t end) except *:
+        """The upstream's response head is raw[:end]; its header lines start at `first`."""
         cdef WorkerCore core = self.client.core
-        cdef list out = [status_line(status)]
-        self.upstream_time = self.client.core.now - self.upstream_start
+        cdef ByteWriter out = core.head_writer
+        self.upstream_time = core.now - self.upstream_start
+        out.clear()
         self.response_started = True
         self.status = status
+        out.add(status_line(status))
+        conn.copy_head(raw, first, end, out)
         if status == 101:
             self.frame = FRAME_NONE
         elif self.is_head or status == 204 or status == 304:
             self.frame = FRAME_NONE
-        elif conn.resp_length is not None:
+        elif conn.resp_has_length:
             self.frame = FRAME_LENGTH
         elif self.http11:
             self.frame = FRAME_CHUNKED
         else:
             self.frame = FRAME_CLOSE
-        out.extend(conn.resp_runs)
-        if conn.resp_server is not None and core.pass_server_header:
-            out.append(b"Server: ")
-            out.append(conn.resp_server)
-            out.append(CRLF)
+        if conn.resp_server is not None:
+            out.add(b"Server: ")
+            out.add(conn.resp_server)
+            out.add(CRLF)
         else:
-            out.append(core.server_line)
+            out.add(core.server_line)
         if not conn.resp_has_date:
-            out.append(core.date_line)
-        out.append(b"X-Request-ID: ")
-        out.append(self.request_id)
-        out.append(CRLF)
+            out.add(core.date_line)
+        out.add(b"X-Request-ID: ")
+        out.add(self.request_id)
+        out.add(CRLF)
         if status == 101:
-            out.append(b"Connection: upgrade\r\nUpgrade: ")
-            out.append(conn.resp_upgrade if conn.resp_upgrade is not None else b"websocket")
-            out.append(CRLF)
+            out.add(b"Connection: upgrade\r\nUpgrade: ")
+            out.add(conn.resp_upgrade if conn.resp_upgrade is not None else b"websocket")
+            out.add(CRLF)
         else:
             if self.frame == FRAME_CHUNKED:
-                out.append(CHUNKED_LINE)
-            out.append(self.connection_line())
-        out.append(CRLF)
-        self.client.write(b"".join(out))
+                out.add(CHUNKED_LINE)
+            out.add(self.connection_line())
+        out.add(CRLF)
+        self.client.write(out.take())
 
     cdef void response_body(self, bytes data) except *:
         cdef ClientConnection client = self.client

@@ -147,11 +147,10 @@ cdef class UpstreamConnection:
     # the response being parsed
     cdef bytes head_buf          # bytes read since the response head began
     cdef Py_ssize_t head_start   # where it begins in head_buf (after relayed-over 1xx heads)
-    cdef list resp_runs          # header lines relayed verbatim, as slices of head_buf
-    cdef bytes resp_length
-    cdef bytes resp_server
-    cdef list resp_conn_tokens
+    cdef bytes resp_server       # only kept with pass_server_header
+    cdef frozenset resp_conn_drop  # header names its Connection header lists
     cdef bytes resp_upgrade
+    cdef bint resp_has_length
     cdef bint resp_has_date
     cdef bint resp_chunked
 
@@ -220,10 +219,10 @@ cdef class UpstreamConnection:
         self.head_buf = None
         self.head_start = 0
         self.response_head_seen = False
-        self.resp_length = None
         self.resp_server = None
-        self.resp_conn_tokens = None
+        self.resp_conn_drop = None
         self.resp_upgrade = None
+        self.resp_has_length = False
         self.resp_has_date = False
         self.resp_chunked = False
         if self.state == UP_IDLE:
@@ -322,7 +321,7 @@ cdef class UpstreamConnection:
         if previous == UP_TUNNEL:
             ex.client.close_now()
             return
-        if ex.response_started and self.resp_length is None and not self.resp_chunked:
+        if ex.response_started and not self.resp_has_length and not self.resp_chunked:
             # a body with neither length nor chunking ends when the upstream closes
             ex.upstream = None
             ex.response_complete()
@@ -354,9 +353,9 @@ cdef class UpstreamConnection:
     # -- httptools callbacks ----------------------------------------------------
 
     # No on_header callback: httptools validates and frames the response, and the
-    # head is read straight from the received bytes (scan_head), relaying runs of
-    # untouched header lines as slices instead of a Python call and two bytes
-    # objects per header.
+    # head is read straight from the received bytes (copy_head), copying runs of
+    # untouched header lines into the head for the client instead of a Python call and
+    # two bytes objects per header.
 
     def on_headers_complete(self):
         cdef int status = self.status_code()
@@ -367,16 +366,11 @@ cdef class UpstreamConnection:
             self.head_start = end + 2  # 100/102/103: not relayed (we answer 100 ourselves)
             self.informational = True
             return
-        self.scan_head(raw, first, end, None)
-        if self.resp_conn_tokens is not None and extra_tokens(self.resp_conn_tokens):
-            # Connection names other headers: they are hop-by-hop too (rare: rescan)
-            self.scan_head(raw, first, end,
-                           frozenset(extra_tokens(self.resp_conn_tokens)))
         self.head_buf = None
         self.response_head_seen = True
         self.resp_keep_alive = self.keep_alive()
         self.switching = status == 101
-        self.exchange.response_head(self, status)
+        self.exchange.response_head(self, status, raw, first, end)
         if self.exchange.is_head:
             raise STOP_RESPONSE
 
@@ -404,17 +398,25 @@ cdef class UpstreamConnection:
         self.parser = self.feed = self.status_code = self.keep_alive = None
         self.write_one = self.write_many = None
 
+    cdef void copy_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
+                        ByteWriter out) except *:
+        """Note the header lines in raw[pos:end] the proxy acts on and copy the others,
+        verbatim, to `out`."""
+        cdef Py_ssize_t mark = out.size
+        self.scan_head(raw, pos, end, None, out)
+        if self.resp_conn_drop is not None:
+            # Connection names other headers: they are hop-by-hop too (rare: rescan)
+            out.size = mark
+            self.scan_head(raw, pos, end, self.resp_conn_drop, out)
+
     cdef void scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
-                        frozenset drop) except *:
-        """Read the header lines in raw[pos:end] (each ending in CRLF): note the ones the
-        proxy acts on and collect the others, verbatim, as runs of consecutive lines."""
+                        frozenset drop, ByteWriter out) except *:
         cdef const char *p = PyBytes_AS_STRING(raw)
         cdef const char *colon
         cdef const char *nl
         cdef Py_ssize_t run = -1, value_start, value_end, eol
         cdef int kind
         cdef bint keep
-        cdef list runs = []
         while pos < end:
             nl = <const char *>memchr(p + pos, b'\n', end - pos)
             # llhttp accepted this head: every line is "name:value" ending in CRLF (no obs-fold)
@@ -429,32 +431,34 @@ cdef class UpstreamConnection:
                     value_start += 1
                 while value_end > value_start and (p[value_end - 1] == b' ' or p[value_end - 1] == b'\t'):
                     value_end -= 1
-                self.note_header(kind, raw[value_start:value_end])
-            elif drop is not None and raw[pos:colon - p].lower() in drop:
+                self.note_header(kind, p + value_start, value_end - value_start)
+            elif drop is not None and PyBytes_FromStringAndSize(p + pos, colon - (p + pos)).lower() in drop:
                 keep = False
             if keep and run < 0:
                 run = pos
             elif not keep and run >= 0:
-                runs.append(raw[run:pos])
+                out.add_raw(p + run, pos - run)
                 run = -1
             pos = eol + 1
         if run >= 0:
-            runs.append(raw[run:end])
-        self.resp_runs = runs
+            out.add_raw(p + run, end - run)
 
-    cdef void note_header(self, int kind, bytes value) except *:
+    cdef void note_header(self, int kind, const char *value, Py_ssize_t n) except *:
         if kind == H_CONTENT_LENGTH:
-            self.resp_length = value
+            self.resp_has_length = True
         elif kind == H_DATE:
             self.resp_has_date = True
         elif kind == H_SERVER:
-            self.resp_server = value
+            if self.pool.core.pass_server_header:
+                self.resp_server = PyBytes_FromStringAndSize(value, n)
         elif kind == H_CONNECTION:
-            self.resp_conn_tokens = connection_tokens(value)
+            if not plain_connection(value, n):
+                self.resp_conn_drop = union(self.resp_conn_drop, hop_by_hop_names(
+                    connection_tokens(PyBytes_FromStringAndSize(value, n))))
         elif kind == H_UPGRADE:
-            self.resp_upgrade = value
+            self.resp_upgrade = PyBytes_FromStringAndSize(value, n)
         elif kind == H_TRANSFER_ENCODING:
-            self.resp_chunked = ends_with_chunked(value)
+            self.resp_chunked = ends_with_chunked(value, n)
 
     cdef void response_complete(self) except *:
         cdef Exchange ex = self.exchange
