@@ -1,76 +1,80 @@
-# Access log: one line per request, formatted from bytes already at hand and appended
-# to a buffer that is written when full or on the worker's periodic tick, so a busy
-# worker does not pay one write(2) per request.
+# Access log: one line per request, written from bytes already at hand straight into a
+# buffer that is written out when full or on the worker's periodic tick, so a busy
+# worker does not pay one write(2) per request, nor a list and a join per line.
+
+from posix.unistd cimport write as c_write
+from libc.errno cimport errno, EINTR
 
 cdef enum:
     LOG_COMBINED = 1
     LOG_JSON = 2
 
 
+cdef const char *HEX_UPPER = b"0123456789ABCDEF"
+
+
 cdef inline bint needs_escape(unsigned char c) noexcept:
     return c < 32 or c >= 127 or c == b'"' or c == b'\\'
 
 
-cdef bint is_plain(bytes value) noexcept:
-    """No byte of value needs escaping in either format (the common case: no copy)."""
+cdef int add_escaped(ByteWriter out, bytes value, int fmt) except -1:
+    """Append value with '"', '\\' and non-printable bytes escaped: as \\xHH in the combined
+    format; as \\" \\\\ and \\u00hh in JSON, so the line is valid UTF-8 either way."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    cdef Py_ssize_t i
-    for i in range(PyBytes_GET_SIZE(value)):
-        if needs_escape(p[i]):
-            return False
-    return True
-
-
-cdef bytes escape_combined(bytes value):
-    """Quote-safe for the combined format: '"', '\\' and non-printables as \\xHH."""
-    if is_plain(value):
-        return value
-    out = bytearray()
-    for c in value:
-        if needs_escape(c):
-            out += b"\\x%02X" % c
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i, plain_from = 0
+    cdef unsigned char c
+    cdef char esc[6]
+    cdef int k
+    for i in range(n):
+        c = p[i]
+        if not needs_escape(c):
+            continue
+        out.add_raw(<const char *>p + plain_from, i - plain_from)
+        plain_from = i + 1
+        esc[0] = b'\\'
+        if fmt == LOG_COMBINED:
+            esc[1] = b'x'
+            esc[2] = HEX_UPPER[c >> 4]
+            esc[3] = HEX_UPPER[c & 15]
+            k = 4
+        elif c == b'"' or c == b'\\':
+            esc[1] = <char>c
+            k = 2
         else:
-            out.append(c)
-    return bytes(out)
+            esc[1] = b'u'
+            esc[2] = esc[3] = ASCII_ZERO
+            esc[4] = HEX_DIGITS[c >> 4]
+            esc[5] = HEX_DIGITS[c & 15]
+            k = 6
+        out.add_raw(esc, k)
+    return out.add_raw(<const char *>p + plain_from, n - plain_from)
 
 
-cdef bytes escape_json(bytes value):
-    """A JSON string body; bytes outside printable ASCII become \\u00XX so the line is valid UTF-8."""
-    if is_plain(value):
-        return value
-    out = bytearray()
-    for c in value:
-        if c == 34 or c == 92:  # '"' and '\\'
-            out.append(92)
-            out.append(c)
-        elif needs_escape(c):
-            out += b"\\u%04x" % c
-        else:
-            out.append(c)
-    return bytes(out)
+def escape_json(bytes value):
+    """A JSON string body for value (route names in the log, once per reload)."""
+    cdef ByteWriter out = ByteWriter(max(16, len(value) * 6))
+    add_escaped(out, value, LOG_JSON)
+    return out.take()
 
 
-cdef inline bytes seconds3(double value):
-    """Seconds with millisecond precision ("0.004"), or "-" for no value."""
+cdef int add_seconds3(ByteWriter out, double value) except -1:
+    """Seconds with millisecond precision ("0.004")."""
     cdef char buf[32]
-    cdef uint64_t ms
+    cdef uint64_t ms = <uint64_t>(value * 1000.0 + 0.5)
     cdef int n
-    if value < 0:
-        return b"-"
-    ms = <uint64_t>(value * 1000.0 + 0.5)
     buf[31] = <char>(ASCII_ZERO + ms % 10)
     buf[30] = <char>(ASCII_ZERO + ms // 10 % 10)
     buf[29] = <char>(ASCII_ZERO + ms // 100 % 10)
     buf[28] = b'.'
     n = write_digits(buf + 28, ms // 1000) + 4
-    return PyBytes_FromStringAndSize(buf + 32 - n, n)
+    return out.add_raw(buf + 32 - n, n)
 
 
 cdef class AccessLog:
     cdef int fd
     cdef str path
     cdef int fmt
-    cdef bytearray buf
+    cdef ByteWriter buf
     cdef Py_ssize_t limit
     cdef bytes time_local   # "26/Nov/2026:19:55:00 +0000", refreshed by tick()
     cdef bytes time_iso     # "2026-11-26T19:55:00+00:00"
@@ -78,7 +82,7 @@ cdef class AccessLog:
     def __init__(self, str path, str fmt, Py_ssize_t buffer_size):
         self.path = path
         self.fmt = LOG_JSON if fmt == "json" else LOG_COMBINED
-        self.buf = bytearray()
+        self.buf = ByteWriter(buffer_size + 4096)
         self.limit = buffer_size
         self.fd = -1
         self.reopen()
@@ -101,47 +105,85 @@ cdef class AccessLog:
         self.time_iso = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)).encode()
 
     def flush(self):
-        cdef Py_ssize_t done = 0, n = len(self.buf)
-        if n == 0 or self.fd < 0:
-            return
-        view = memoryview(self.buf)
-        try:
-            while done < n:
-                done += os.write(self.fd, view[done:])
-        except OSError:
-            pass  # a full disk or closed stdout must not take the worker down
-        finally:
-            view.release()
-            del self.buf[:]
+        cdef ByteWriter buf = self.buf
+        cdef Py_ssize_t done = 0, n
+        if self.fd >= 0:
+            while done < buf.size:
+                n = c_write(self.fd, buf.data + done, buf.size - done)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    break  # a full disk or closed stdout must not take the worker down
+                done += n
+        buf.clear()
 
     cdef void write(self, Exchange ex, bytes client_addr, int status, double total) except *:
-        cdef bytes up_addr = ex.upstream_addr if ex.upstream_addr is not None else b"-"
-        cdef bytes up_time = seconds3(ex.upstream_time)
-        cdef bytes method = ex.method if ex.method is not None else b"-"
-        cdef bytes url = ex.url if ex.url is not None else b"-"
-        cdef bytes version = b"1.1" if ex.http11 else b"1.0"
-        # a join of pieces: %-formatting re-parses its format on every call
+        cdef ByteWriter out = self.buf
         if self.fmt == LOG_COMBINED:
-            self.buf += b"".join([
-                client_addr, b" - - [", self.time_local, b'] "', escape_combined(method), b" ",
-                escape_combined(url), b" HTTP/", version, b'" ', decimal(status), b" ",
-                decimal(ex.bytes_out), b' "',
-                escape_combined(ex.referer) if ex.referer is not None else b"-", b'" "',
-                escape_combined(ex.user_agent) if ex.user_agent is not None else b"-", b'" "',
-                ex.request_id, b'" ', up_addr, b" ", up_time, b" ", seconds3(total), b"\n"])
+            out.add(client_addr)
+            out.add(b" - - [")
+            out.add(self.time_local)
+            out.add(b'] "')
+            add_escaped(out, ex.method if ex.method is not None else b"-", LOG_COMBINED)
+            out.add(b" ")
+            add_escaped(out, ex.url if ex.url is not None else b"-", LOG_COMBINED)
+            out.add(b" HTTP/1.1\" " if ex.http11 else b" HTTP/1.0\" ")
+            out.add_decimal(status)
+            out.add(b" ")
+            out.add_decimal(ex.bytes_out)
+            out.add(b' "')
+            add_escaped(out, ex.referer if ex.referer is not None else b"-", LOG_COMBINED)
+            out.add(b'" "')
+            add_escaped(out, ex.user_agent if ex.user_agent is not None else b"-", LOG_COMBINED)
+            out.add(b'" "')
+            out.add(ex.request_id)
+            out.add(b'" ')
+            out.add(ex.upstream_addr if ex.upstream_addr is not None else b"-")
+            out.add(b" ")
+            if ex.upstream_time >= 0:
+                add_seconds3(out, ex.upstream_time)
+            else:
+                out.add(b"-")
+            out.add(b" ")
+            add_seconds3(out, total)
+            out.add(b"\n")
         else:
-            self.buf += b"".join([
-                b'{"time":"', self.time_iso, b'","remote_addr":"', client_addr,
-                b'","request_id":"', ex.request_id, b'","method":"', escape_json(method),
-                b'","uri":"', escape_json(url), b'","protocol":"HTTP/', version,
-                b'","status":', decimal(status), b',"bytes_sent":', decimal(ex.bytes_out),
-                b',"bytes_received":', decimal(ex.bytes_in), b',"referer":"',
-                escape_json(ex.referer) if ex.referer is not None else b"",
-                b'","user_agent":"',
-                escape_json(ex.user_agent) if ex.user_agent is not None else b"",
-                b'","route":"', ex.route.log_name if ex.route is not None else b"",
-                b'","upstream_addr":"', up_addr if ex.upstream_addr is not None else b"",
-                b'","upstream_time":', up_time if ex.upstream_time >= 0 else b"null",
-                b',"request_time":', seconds3(total), b"}\n"])
-        if len(self.buf) >= self.limit:
+            out.add(b'{"time":"')
+            out.add(self.time_iso)
+            out.add(b'","remote_addr":"')
+            out.add(client_addr)
+            out.add(b'","request_id":"')
+            out.add(ex.request_id)
+            out.add(b'","method":"')
+            add_escaped(out, ex.method if ex.method is not None else b"-", LOG_JSON)
+            out.add(b'","uri":"')
+            add_escaped(out, ex.url if ex.url is not None else b"-", LOG_JSON)
+            out.add(b'","protocol":"HTTP/1.1","status":' if ex.http11
+                    else b'","protocol":"HTTP/1.0","status":')
+            out.add_decimal(status)
+            out.add(b',"bytes_sent":')
+            out.add_decimal(ex.bytes_out)
+            out.add(b',"bytes_received":')
+            out.add_decimal(ex.bytes_in)
+            out.add(b',"referer":"')
+            if ex.referer is not None:
+                add_escaped(out, ex.referer, LOG_JSON)
+            out.add(b'","user_agent":"')
+            if ex.user_agent is not None:
+                add_escaped(out, ex.user_agent, LOG_JSON)
+            out.add(b'","route":"')
+            if ex.route is not None:
+                out.add(ex.route.log_name)
+            out.add(b'","upstream_addr":"')
+            if ex.upstream_addr is not None:
+                out.add(ex.upstream_addr)
+            out.add(b'","upstream_time":')
+            if ex.upstream_time >= 0:
+                add_seconds3(out, ex.upstream_time)
+            else:
+                out.add(b"null")
+            out.add(b',"request_time":')
+            add_seconds3(out, total)
+            out.add(b"}\n")
+        if out.size >= self.limit:
             self.flush()
