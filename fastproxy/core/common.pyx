@@ -54,7 +54,15 @@ cdef enum:
 
 
 cdef inline bint name_is(const char *name, Py_ssize_t n, const char *lower, Py_ssize_t m) noexcept:
-    return n == m and strncasecmp(name, lower, <size_t>m) == 0
+    """Case-insensitive equality with `lower`, made of lower-case letters and '-'. Setting
+    bit 0x20 maps only A-Z onto a-z, and only CR (never inside a parsed header) onto '-'."""
+    cdef Py_ssize_t i
+    if n != m:
+        return False
+    for i in range(m):
+        if (name[i] | 0x20) != lower[i]:
+            return False
+    return True
 
 
 cdef inline int header_kind(bytes name) noexcept:

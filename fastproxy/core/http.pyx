@@ -26,6 +26,7 @@ cdef enum:
     TIMER_SEND = 4      # client not reading our response: close
 
 cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
+cdef Py_ssize_t COALESCE_LIMIT = 4096  # client writes up to this size are joined (see flush)
 
 cdef bytes CRLF = b"\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
@@ -472,6 +473,7 @@ cdef class ClientConnection:
     cdef Exchange parsing        # the exchange whose request is being read
     cdef object queue            # exchanges read ahead of their turn (pipelining)
     cdef list out                # bytes for the client not yet written
+    cdef Py_ssize_t out_size
     cdef UpstreamConnection tunnel
     cdef list tunnel_pending     # client bytes that followed a websocket upgrade request
     cdef int paused
@@ -663,22 +665,33 @@ cdef class ClientConnection:
         return self.current.upstream if self.current is not None else None
 
     cdef void write(self, bytes data) except *:
+        cdef Py_ssize_t n = len(data)
         if self.current is not None:
-            self.current.bytes_out += len(data)
+            self.current.bytes_out += n
         if self.out is None:
             self.out = [data]
         else:
             self.out.append(data)
+        self.out_size += n
 
     cdef void flush(self) except *:
         cdef list out = self.out
+        cdef ByteWriter joined
         if out is None or self.write_one is None:  # nothing to write, or the connection is gone
             return
         self.out = None
         if len(out) == 1:
             self.write_one(<bytes>out[0])
+        elif self.out_size <= COALESCE_LIMIT:
+            # small pieces: one copy costs less than the event loop's writev path
+            joined = self.core.head_writer
+            joined.clear()
+            for piece in out:
+                joined.add(<bytes>piece)
+            self.write_one(joined.take())
         else:
             self.write_many(out)  # one writev, no copy of the body into a joined buffer
+        self.out_size = 0
 
     cdef void pause_reading(self, int reason) except *:
         if self.paused == 0 and not self.closing:
@@ -813,6 +826,7 @@ cdef class ClientConnection:
         ex.local_status = 500
         ex.close_after = True
         self.out = None
+        self.out_size = 0
         try:
             ex.respond_local()
             self.flush()
@@ -842,4 +856,5 @@ cdef class ClientConnection:
     cdef void abort(self) except *:
         self.closing = True
         self.out = None
+        self.out_size = 0
         self.transport.abort()
