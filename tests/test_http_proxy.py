@@ -75,6 +75,15 @@ def test_hop_by_hop_request_headers_removed(proxy):
     assert seen.get("x-end-to-end") == "kept"
 
 
+def test_every_connection_header_names_hop_by_hop_headers(proxy):
+    _, e = echo(proxy, headers=[("Connection", "X-First"), ("X-First", "1"),
+                                ("Connection", "keep-alive, X-Second"), ("X-Second", "2"),
+                                ("X-Third", "3")])
+    seen = {k.lower() for k, _ in e["headers"]}
+    assert "x-first" not in seen and "x-second" not in seen, e["headers"]
+    assert "x-third" in seen, e["headers"]
+
+
 def test_hop_by_hop_response_headers_removed(proxy):
     r = fetch(proxy.port, "GET", "/api/hop")
     assert r.status == 200 and r.body == b"hop\n", r
