@@ -213,6 +213,30 @@ def test_zero_downtime_reload_under_load(make_proxy, origin):
     assert st["generation"] >= gen0 + 3, "the HUPs did not cause several reloads"
 
 
+def test_lowering_workers_serves_every_new_connection_while_old_ones_drain(make_proxy, origin):
+    """The slots above a lowered `workers` are closed once the new generation is up, not when
+    the old one has drained: the kernel must not keep queueing connections on them."""
+    p = make_proxy(config(origin, workers=3))
+    gen = p.generation()
+    old_workers = p.worker_pids(generation=gen)
+    slow = Background(fetch, p.port, "GET", "/api/slowbody?delay=6&old")  # keeps an old worker draining
+    origin.wait_for_request(lambda r: "old" in r.target)
+    p.write_config(config(origin, workers=2))
+    p.signal(signal.SIGHUP)
+    st = p.wait_generation(gen, settled=False)
+    assert any(w["generation"] == gen for w in st["workers"]), "the old generation should still be draining"
+    # a draining worker retitles itself and closes its listeners in the same callback
+    wait_until(lambda: all(not pid_alive(w) or cmdline(w).endswith("shutting down") for w in old_workers),
+               10, message="the old workers to stop accepting")
+    # Each connection has its own source port, so the kernel's SO_REUSEPORT hash spreads
+    # these over every socket of the port, the removed slot's too while it is open.
+    answers = [fetch(p.port, "GET", "/hello", [("Connection", "close")], timeout=3).status
+               for _ in range(60)]
+    assert answers == [200] * 60
+    assert slow.get().status == 200
+    p.wait_generation(gen, settled=True)
+
+
 def test_slow_request_survives_reload(make_proxy, origin):
     p = make_proxy(config(origin))
     gen = p.generation()

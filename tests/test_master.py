@@ -669,7 +669,7 @@ def test_listen_sockets_one_per_slot_kept_and_closed_by_configuration(tmp_path):
         sockets.bind(one)  # a reload: slot 0 is reused, nothing is bound
         assert sockets.for_slot(one, 0)[0] is slot0
         assert sockets.close_unused([one, two]) == []  # the old generation still runs
-        assert set(sockets.close_unused([one])) == {f"127.0.0.1:{admin_port} (admin)",
+        assert set(map(str, sockets.close_unused([one]))) == {f"127.0.0.1:{admin_port} (admin)",
                                                      f"127.0.0.1:{port} (slot 1)"}
         assert slot1.fileno() == -1 and admin.fileno() == -1 and slot0.fileno() >= 0
     finally:

@@ -34,7 +34,7 @@ from fastproxy.errors import ConfigError
 from fastproxy.log import reopen_error_log, set_process_label, setup_error_log
 from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, master_title
 from fastproxy.master.pidfile import PidFileError, check_not_running, remove_pid_file, write_pid_file
-from fastproxy.master.sockets import BindError, ListenSockets
+from fastproxy.master.sockets import BindError, ListenSockets, migrates_queued_connections
 from fastproxy.master.systemd import Notifier
 from fastproxy.shm import WORKER_DRAINING, RegionFull, SharedRegion
 from fastproxy.shm.layout import MAX_WORKERS
@@ -318,6 +318,10 @@ class Master:
         for w in list(self.workers.values()):
             if w.generation is not gen:
                 self.drain(w)
+        # Draining workers have stopped accepting: a listener only they used (the slots above
+        # a lowered `workers`, a removed address) must go now, or the kernel keeps queueing
+        # new connections on it that nobody accepts for the whole drain.
+        self.close_unused_sockets()
         if first:
             log.info("generation 1 ready: %d workers", gen.runtime.main.workers)
         else:
@@ -476,13 +480,21 @@ class Master:
             log.warning("worker #%d keeps dying; respawning it in %.1fs", w.slot, wait)
 
     def close_unused_sockets(self) -> None:
-        """Close sockets no live worker's configuration uses (after the old generation is gone)."""
-        runtimes = {id(w.generation.runtime): w.generation.runtime for w in self.workers.values()}
+        """Close the sockets that no accepting worker's configuration uses."""
+        runtimes = {id(w.generation.runtime): w.generation.runtime
+                    for w in self.workers.values() if not w.draining}
         for gen in (self.current, self.pending):
             if gen is not None:
                 runtimes[id(gen.runtime)] = gen.runtime
-        for name in self.sockets.close_unused(runtimes.values()):
-            log.info("closed listener %s, no longer configured", name)
+        closed = self.sockets.close_unused(runtimes.values())
+        for sock in closed:
+            log.info("closed listener %s, no longer configured", sock)
+        if any(s.slot is not None and self.sockets.listens_on(s.address) for s in closed) \
+                and not migrates_queued_connections():
+            # fewer slots for an address still served: the kernel resets what was queued on
+            # the removed ones unless it may move them to the remaining sockets of the group
+            log.warning("connections queued on the closed slots, if any, were reset; "
+                        "sysctl net.ipv4.tcp_migrate_req=1 hands them to the remaining slots")
 
     # ---- timers --------------------------------------------------------------------------------
 

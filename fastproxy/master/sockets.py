@@ -4,13 +4,15 @@ Each [[listen]] address gets one SO_REUSEPORT socket per worker slot (the kernel
 spreads connections across them), and worker #N of every generation inherits slot N's
 socket. Because the master keeps them, a reload never closes a socket: connections
 waiting in slot N's accept queue are taken by the next worker #N. A socket is closed
-only when no configuration still served by a live worker wants it.
+only when no configuration that workers still accept for wants it: an address removed from
+the file, or a slot above a lowered `workers`, once the new generation is up.
 
 The admin listener is a single ordinary socket shared by all workers.
 """
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from fastproxy.config.runtime import Address, Runtime
@@ -63,6 +65,25 @@ def _check_free(address: Address) -> None:
     _open(address, 1, reuseport=False).close()
 
 
+@dataclass(frozen=True)
+class ClosedSocket:
+    address: Address
+    slot: Optional[int]  # None for the admin listener
+
+    def __str__(self) -> str:
+        return f"{self.address} (admin)" if self.slot is None else f"{self.address} (slot {self.slot})"
+
+
+def migrates_queued_connections() -> bool:
+    """Whether the kernel hands the connections queued on a closed SO_REUSEPORT listener to
+    the others of its group instead of resetting them (Linux 5.14+, off by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 class ListenSockets:
     """The master's sockets, keyed by (address, slot) for listeners and by address for admin."""
 
@@ -112,8 +133,11 @@ class ListenSockets:
     def all(self) -> List[socket.socket]:
         return [*self._listen.values(), *self._admin.values()]
 
-    def close_unused(self, runtimes: Iterable[Runtime]) -> List[str]:
-        """Close the sockets none of `runtimes` (those live workers serve) uses; name them."""
+    def listens_on(self, address: Address) -> bool:
+        return any(addr == address for addr, _ in self._listen)
+
+    def close_unused(self, runtimes: Iterable[Runtime]) -> List[ClosedSocket]:
+        """Close the sockets none of `runtimes` (those accepting workers serve) uses."""
         wanted_listen = set()
         wanted_admin = set()
         for runtime in runtimes:
@@ -123,10 +147,10 @@ class ListenSockets:
         closed = []
         for key in [k for k in self._listen if k not in wanted_listen]:
             self._listen.pop(key).close()
-            closed.append(f"{key[0]} (slot {key[1]})")
+            closed.append(ClosedSocket(*key))
         for addr in [a for a in self._admin if a not in wanted_admin]:
             self._admin.pop(addr).close()
-            closed.append(f"{addr} (admin)")
+            closed.append(ClosedSocket(addr, None))
         return closed
 
     def close_all(self) -> None:
