@@ -245,13 +245,6 @@ cdef inline int write_digits(char *end, uint64_t value) noexcept:
             return n
 
 
-cdef inline bytes decimal(Py_ssize_t value):
-    """str(value).encode() for value >= 0, without printf's format parsing."""
-    cdef char buf[24]
-    cdef int n = write_digits(buf + 24, <uint64_t>value if value > 0 else 0)
-    return PyBytes_FromStringAndSize(buf + 24 - n, n)
-
-
 @cython.final
 cdef class ByteWriter:
     """A growable C buffer a message is built in: each piece is copied once and the

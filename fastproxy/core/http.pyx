@@ -81,9 +81,15 @@ cdef class Exchange:
 
     cdef void header(self, bytes name, bytes value) except *:
         cdef int kind = header_kind(name)
-        if kind == H_OTHER:
+        if kind == H_OTHER or kind == H_USER_AGENT or kind == H_REFERER \
+                or kind == H_SERVER or kind == H_DATE:
+            # end to end: forwarded as received (the log also keeps two of them)
             self.fwd_headers.append(name)
             self.fwd_headers.append(value)
+            if kind == H_USER_AGENT:
+                self.user_agent = value
+            elif kind == H_REFERER:
+                self.referer = value
         elif kind == H_HOST:
             self.host_count += 1
             self.host = value
@@ -110,17 +116,6 @@ cdef class Exchange:
                 self.request_id = value
         elif kind == H_X_FORWARDED_FOR:
             self.xff = value if self.xff is None else self.xff + b", " + value
-        elif kind == H_USER_AGENT:
-            self.user_agent = value
-            self.fwd_headers.append(name)
-            self.fwd_headers.append(value)
-        elif kind == H_REFERER:
-            self.referer = value
-            self.fwd_headers.append(name)
-            self.fwd_headers.append(value)
-        elif kind == H_SERVER or kind == H_DATE:
-            self.fwd_headers.append(name)
-            self.fwd_headers.append(value)
         # other hop-by-hop headers and X-Forwarded-Proto/-Host are dropped: we set our own
 
     cdef void head_complete(self) except *:
