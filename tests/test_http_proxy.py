@@ -62,6 +62,20 @@ def test_post_is_forwarded(proxy):
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade")
 
 
+def test_large_heads_pass_intact_both_ways(proxy, module_origin):
+    """Heads larger than the 4 KiB the worker's head buffer starts with, in both directions,
+    arrive header by header, in order."""
+    sent = [(f"X-Req-{i}", f"{i:03d}" + "r" * 97) for i in range(60)]  # ~7 KiB
+    _, e = echo(proxy, headers=sent)
+    assert [(k, v) for k, v in e["headers"] if k.startswith("X-Req-")] == sent
+
+    returned = [(f"X-Resp-{i}", f"{i:03d}" + "s" * 97) for i in range(60)]
+    module_origin.handlers["bighead"] = lambda conn, req: conn.respond(200, b"big head\n", returned)
+    r = fetch(proxy.port, "GET", "/api/bighead")
+    assert r.status == 200 and r.body == b"big head\n", r
+    assert [(k, v) for k, v in r.headers if k.startswith("X-Resp-")] == returned
+
+
 def test_hop_by_hop_request_headers_removed(proxy):
     _, e = echo(proxy, headers=[
         ("Connection", "keep-alive, X-Named-Hop"), ("X-Named-Hop", "secret"), ("Keep-Alive", "timeout=5"),
