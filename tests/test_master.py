@@ -462,6 +462,33 @@ def test_reload_to_another_address_closes_the_old_one_after_drain(make_master):
         socket.create_connection(("127.0.0.1", old_port), timeout=5).close()
 
 
+def test_reload_moves_the_pid_file(make_master):
+    m = make_master(workers=1)
+    old = m.pid_file
+    m.pid_file = m.dir / "run" / "moved.pid"
+    m.pid_file.parent.mkdir()
+    m.main["pid_file"] = str(m.pid_file)
+    m.write_config()
+    assert m.reload() == 2
+    wait_until(lambda: m.pid_file.exists() and not old.exists(), 10, message="the pid file moved")
+    assert m.pid_file.read_text() == f"{m.pid}\n"
+    assert signal_master(str(m.pid_file), "reload") == m.pid  # `fastproxy -s` with the new config
+    wait_until(lambda: m.get()["generation"] == 3, 20, message="the reload sent through the new pid file")
+    m.signal(signal.SIGQUIT)
+    assert m.wait_exit() == 0
+    assert not m.pid_file.exists()
+
+
+def test_reload_to_a_pid_file_of_another_running_master_fails(make_master):
+    a = make_master(workers=1)
+    b = make_master(workers=1)
+    b.main["pid_file"] = str(a.pid_file)
+    b.write_config()
+    b.signal(signal.SIGHUP)
+    b.wait_log(r"reload failed: .*still serving generation 1")
+    assert a.pid_file.read_text() == f"{a.pid}\n" and b.pid_file.read_text() == f"{b.pid}\n"
+
+
 def test_reload_with_an_address_in_use_keeps_serving(make_master):
     m = make_master(workers=1)
     taken = socket.create_server(("127.0.0.1", 0))

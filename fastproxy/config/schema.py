@@ -420,7 +420,8 @@ class Section:
 MAIN = Section("main", "[main]", TABLE, DEFAULTS, (
     Key("workers", Workers(), "auto", 'Worker processes to run; `"auto"` runs one per CPU.'),
     Key("pid_file", String(), None, "File the master writes its pid to, which `fastproxy -s` reads; "
-        "none: no pid file."),
+        "none: no pid file. A reload that changes it writes the new file and removes the old one "
+        "once the new workers are up."),
     Key("shutdown_timeout", Duration(zero=True), "30s", "How long a draining worker (after a reload or a "
         "graceful stop) may finish in-flight requests before it is killed."),
     Key("error_log", String(), "stderr", '`"stderr"` or a file path for the error log.'),

@@ -93,6 +93,7 @@ class Master:
         self.config_path = config_path
         self.runtime = runtime  # of the current generation, or the one booting at startup
         self.pid = os.getpid()
+        self.pid_file: Optional[str] = None  # the pid file this master wrote and owns
         self.sockets = ListenSockets()
         self.notifier = Notifier()
         self.region: Optional[SharedRegion] = None
@@ -118,7 +119,6 @@ class Master:
         except OSError as e:
             print(f"fastproxy: cannot open error log {main.error_log}: {e.strerror}", file=sys.stderr)
             return 1
-        pid_written = False
         try:
             try:
                 check_not_running(main.pid_file)
@@ -126,7 +126,7 @@ class Master:
                 self.sockets.bind(self.runtime)
                 if main.pid_file is not None:
                     write_pid_file(main.pid_file, self.pid)
-                    pid_written = True
+                    self.pid_file = main.pid_file
             except (PidFileError, BindError) as e:
                 self.fatal(str(e))
                 return 1
@@ -138,8 +138,8 @@ class Master:
             self.start_generation(self.runtime, 1)
             return self.loop()
         finally:
-            if pid_written:
-                remove_pid_file(main.pid_file, self.pid)
+            if self.pid_file is not None:
+                remove_pid_file(self.pid_file, self.pid)
             self.sockets.close_all()
             self.notifier.close()
 
@@ -212,9 +212,11 @@ class Master:
             # The master must survive anything a reload throws and keep serving.
             log.exception("unexpected error while loading %s", self.config_path)
             return self.reload_failed("the configuration could not be loaded")
-        if runtime.main.pid_file != self.runtime.main.pid_file:
-            log.warning("main.pid_file changed: the new path applies after a restart; keeping %s",
-                        self.runtime.main.pid_file)
+        if runtime.main.pid_file not in (None, self.pid_file):
+            try:
+                check_not_running(runtime.main.pid_file)
+            except PidFileError as e:
+                return self.reload_failed(str(e))
         try:
             self.sockets.bind(runtime)
         except BindError as e:
@@ -318,6 +320,8 @@ class Master:
         for w in list(self.workers.values()):
             if w.generation is not gen:
                 self.drain(w)
+        if gen.runtime.main.pid_file != self.pid_file:
+            self.move_pid_file(gen.runtime.main.pid_file)
         # Draining workers have stopped accepting: a listener only they used (the slots above
         # a lowered `workers`, a removed address) must go now, or the kernel keeps queueing
         # new connections on it that nobody accepts for the whole drain.
@@ -328,6 +332,19 @@ class Master:
             log.info("generation %d ready: %d workers; draining the previous generation",
                      gen.number, gen.runtime.main.workers)
         self.reload_done(self.serving_status())
+
+    def move_pid_file(self, path: Optional[str]) -> None:
+        """main.pid_file changed in a reload that took effect: write the new file, then
+        remove ours (as nginx does), so `fastproxy -s` with the new config finds us."""
+        if path is not None:
+            try:
+                write_pid_file(path, self.pid)
+            except PidFileError as e:
+                log.error("%s; the pid file stays %s", e, self.pid_file)
+                return
+        if self.pid_file is not None:
+            remove_pid_file(self.pid_file, self.pid)
+        self.pid_file = path
 
     def abandon_pending(self, reason: str) -> None:
         """A new generation could not start: stop the master at startup, keep the current one on reload."""
