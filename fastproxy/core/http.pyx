@@ -457,6 +457,16 @@ cdef class Exchange:
         self.client.exchange_done(self)
 
 
+cdef inline bint fits(list pieces, Py_ssize_t limit):
+    """The pieces add up to at most `limit` bytes (stops counting once over)."""
+    cdef Py_ssize_t total = 0
+    for piece in pieces:
+        total += PyBytes_GET_SIZE(<bytes>piece)
+        if total > limit:
+            return False
+    return True
+
+
 cdef class ClientConnection:
     cdef WorkerCore core
     cdef object transport
@@ -468,7 +478,6 @@ cdef class ClientConnection:
     cdef Exchange parsing        # the exchange whose request is being read
     cdef object queue            # exchanges read ahead of their turn (pipelining)
     cdef list out                # bytes for the client not yet written
-    cdef Py_ssize_t out_size
     cdef UpstreamConnection tunnel
     cdef list tunnel_pending     # client bytes that followed a websocket upgrade request
     cdef int paused
@@ -660,14 +669,12 @@ cdef class ClientConnection:
         return self.current.upstream if self.current is not None else None
 
     cdef void write(self, bytes data) except *:
-        cdef Py_ssize_t n = len(data)
         if self.current is not None:
-            self.current.bytes_out += n
+            self.current.bytes_out += len(data)
         if self.out is None:
             self.out = [data]
         else:
             self.out.append(data)
-        self.out_size += n
 
     cdef void flush(self) except *:
         cdef list out = self.out
@@ -677,7 +684,7 @@ cdef class ClientConnection:
         self.out = None
         if len(out) == 1:
             self.write_one(<bytes>out[0])
-        elif self.out_size <= COALESCE_LIMIT:
+        elif fits(out, COALESCE_LIMIT):
             # small pieces: one copy costs less than the event loop's writev path
             joined = self.core.head_writer
             joined.clear()
@@ -686,7 +693,6 @@ cdef class ClientConnection:
             self.write_one(joined.take())
         else:
             self.write_many(out)  # one writev, no copy of the body into a joined buffer
-        self.out_size = 0
 
     cdef void pause_reading(self, int reason) except *:
         if self.paused == 0 and not self.closing:
@@ -821,7 +827,6 @@ cdef class ClientConnection:
         ex.local_status = 500
         ex.close_after = True
         self.out = None
-        self.out_size = 0
         try:
             ex.respond_local()
             self.flush()
@@ -851,5 +856,4 @@ cdef class ClientConnection:
     cdef void abort(self) except *:
         self.closing = True
         self.out = None
-        self.out_size = 0
         self.transport.abort()
