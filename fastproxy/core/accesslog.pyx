@@ -57,11 +57,14 @@ def escape_json(bytes value):
     return out.take()
 
 
-cdef int add_seconds3(ByteWriter out, double value) except -1:
-    """Seconds with millisecond precision ("0.004")."""
+cdef int add_seconds3(ByteWriter out, double value, bytes absent) except -1:
+    """Seconds with millisecond precision ("0.004"); `absent` for a negative value (none)."""
     cdef char buf[32]
-    cdef uint64_t ms = <uint64_t>(value * 1000.0 + 0.5)
+    cdef uint64_t ms
     cdef int n
+    if value < 0:
+        return out.add(absent)
+    ms = <uint64_t>(value * 1000.0 + 0.5)
     buf[31] = <char>(ASCII_ZERO + ms % 10)
     buf[30] = <char>(ASCII_ZERO + ms // 10 % 10)
     buf[29] = <char>(ASCII_ZERO + ms // 100 % 10)
@@ -140,12 +143,9 @@ cdef class AccessLog:
             out.add(b'" ')
             out.add(ex.upstream_addr if ex.upstream_addr is not None else b"-")
             out.add(b" ")
-            if ex.upstream_time >= 0:
-                add_seconds3(out, ex.upstream_time)
-            else:
-                out.add(b"-")
+            add_seconds3(out, ex.upstream_time, b"-")
             out.add(b" ")
-            add_seconds3(out, total)
+            add_seconds3(out, total, b"-")
             out.add(b"\n")
         else:
             out.add(b'{"time":"')
@@ -178,12 +178,9 @@ cdef class AccessLog:
             if ex.upstream_addr is not None:
                 out.add(ex.upstream_addr)
             out.add(b'","upstream_time":')
-            if ex.upstream_time >= 0:
-                add_seconds3(out, ex.upstream_time)
-            else:
-                out.add(b"null")
+            add_seconds3(out, ex.upstream_time, b"null")
             out.add(b',"request_time":')
-            add_seconds3(out, total)
+            add_seconds3(out, total, b"-")
             out.add(b"}\n")
         if out.size >= self.limit:
             self.flush()

@@ -275,14 +275,10 @@ cdef class ByteWriter:
         self.capacity = capacity
         return 0
 
-    cdef inline char *reserve(self, Py_ssize_t n) except NULL:
-        """Room for n more bytes at the end; the caller fills them and adds n to size."""
+    cdef inline int add_raw(self, const char *p, Py_ssize_t n) except -1:
         if self.size + n > self.capacity:
             self.grow(n)
-        return self.data + self.size
-
-    cdef inline int add_raw(self, const char *p, Py_ssize_t n) except -1:
-        memcpy(self.reserve(n), p, n)
+        memcpy(self.data + self.size, p, n)
         self.size += n
         return 0
 
