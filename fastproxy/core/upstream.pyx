@@ -124,6 +124,14 @@ cdef class UpstreamPool:
                 conn.close()
 
 
+cdef inline bint passes_to_client(int kind) noexcept:
+    """Response headers are end to end, so relayed as received, except the hop-by-hop
+    ones and the two the proxy sets itself (Server, X-Request-ID)."""
+    return not (kind == H_CONNECTION or kind == H_KEEP_ALIVE or kind == H_PROXY_CONNECTION
+                or kind == H_TE or kind == H_TRAILER or kind == H_UPGRADE
+                or kind == H_TRANSFER_ENCODING or kind == H_SERVER or kind == H_X_REQUEST_ID)
+
+
 cdef class UpstreamConnection:
     cdef UpstreamPool pool
     cdef int server
@@ -423,7 +431,7 @@ cdef class UpstreamConnection:
             eol = nl - p
             colon = <const char *>memchr(p + pos, b':', eol - pos)
             kind = header_kind_at(p + pos, colon - (p + pos))
-            keep = kind == H_OTHER or kind == H_DATE or kind == H_CONTENT_LENGTH
+            keep = passes_to_client(kind)
             if kind != H_OTHER:
                 value_start = colon + 1 - p
                 value_end = eol - 1
