@@ -171,7 +171,12 @@ cdef class WorkerCore:
             self.access_log.flush()
 
     cdef void log_upstream_error(self, Exchange ex, str upstream, str address, str reason) except *:
-        if self.error_logger is not None:
+        """`ex` is None for a connection idle in its pool."""
+        if self.error_logger is None:
+            return
+        if ex is None:
+            self.error_logger.error('upstream "%s" %s: %s', upstream, address, reason)
+        else:
             self.error_logger.error(
                 'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
                 upstream, address, reason, ex.client.addr.decode(),

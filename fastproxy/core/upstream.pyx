@@ -8,13 +8,20 @@ cdef enum:
     UP_CLOSED = 4
     UP_TUNNEL = 5
 
+# The response head, counting the interim (1xx) heads before it, must fit in this: an
+# upstream cannot make us buffer, or relay 1xx responses, without end.
+cdef Py_ssize_t MAX_RESPONSE_HEAD = 64 * 1024
+
 
 class _StopResponse(Exception):
     """Raised from on_headers_complete of a HEAD response: httptools has no way to say
-    'this response has no body', so parsing stops and the parser is replaced."""
+    'this response has no body', so parsing stops and the parser is replaced. A new
+    instance each time: a raised instance keeps its traceback, which would grow."""
 
 
-cdef object STOP_RESPONSE = _StopResponse()
+class _BadResponse(Exception):
+    """Raised from a parser callback when the upstream breaks the protocol in a way
+    llhttp accepts; the message says how."""
 
 
 def idle_since(UpstreamConnection conn):
@@ -150,6 +157,7 @@ cdef class UpstreamConnection:
     cdef bint informational      # parsing a 1xx that is not relayed
     cdef bint switching          # a 101: the connection becomes a tunnel
     cdef bint response_head_seen # the current response's head has been read
+    cdef bint response_done      # the whole response is parsed; anything after it is an error
     cdef bint resp_keep_alive
     cdef bint read_paused
     # the response being parsed
@@ -227,6 +235,7 @@ cdef class UpstreamConnection:
         self.head_buf = None
         self.head_start = 0
         self.response_head_seen = False
+        self.response_done = False
         self.resp_server = None
         self.resp_conn_drop = None
         self.resp_upgrade = None
@@ -280,7 +289,7 @@ cdef class UpstreamConnection:
             if self.state == UP_TUNNEL and ex is not None:
                 ex.client.tunnel_to_client(data)
                 return
-            self.close()  # bytes nobody asked for: the connection cannot be trusted
+            self.unsolicited(data)
             return
         client = ex.client
         if not self.response_head_seen:
@@ -292,18 +301,35 @@ cdef class UpstreamConnection:
             self.feed(data)
         except HttpParserUpgrade as exc:
             self.upgraded(data[exc.args[0]:])
-        except _StopResponse:
+        except HttpParserCallbackError as exc:
+            self.callback_failed(exc.__context__)
+        except HttpParserError as exc:
+            self.protocol_error("invalid response: %s" % exc)
+        else:
+            # completed only now, with the whole read parsed: bytes after the response
+            # have made on_message_begin fail instead of reaching a pooled connection
+            if self.response_done:
+                self.response_complete()
+            elif not self.response_head_seen and PyBytes_GET_SIZE(self.head_buf) > MAX_RESPONSE_HEAD:
+                self.protocol_error("response head over %d bytes" % MAX_RESPONSE_HEAD)
+        client.flush()  # one write for everything this read produced
+
+    cdef void callback_failed(self, object cause) except *:
+        if isinstance(cause, _StopResponse):
             self.new_parser()
             self.response_complete()
-        except HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _StopResponse):
-                self.new_parser()
-                self.response_complete()
-            else:
-                self.internal_error(exc.__context__)
-        except HttpParserError as exc:
-            self.protocol_error(exc)
-        client.flush()  # one write for everything this read produced
+        elif isinstance(cause, _BadResponse):
+            self.protocol_error(cause.args[0])
+        else:
+            self.internal_error(cause)
+
+    cdef void unsolicited(self, bytes data) except *:
+        """Bytes while no request is outstanding: the connection cannot be trusted."""
+        if self.state == UP_IDLE:
+            self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+            self.pool.core.log_upstream_error(None, self.pool.name, self.address(),
+                                              "sent %d bytes while idle; connection closed" % len(data))
+        self.close()
 
     def eof_received(self):
         return False
@@ -365,22 +391,40 @@ cdef class UpstreamConnection:
     # untouched header lines into the head for the client instead of a Python call and
     # two bytes objects per header.
 
+    def on_message_begin(self):
+        if self.response_done:
+            raise _BadResponse("sent bytes after a complete response; connection closed")
+
     def on_headers_complete(self):
+        cdef Exchange ex = self.exchange
         cdef int status = self.status_code()
         cdef bytes raw = self.head_buf
-        cdef Py_ssize_t end = find_crlfcrlf(raw, self.head_start) + 2
-        cdef Py_ssize_t first = find_byte(raw, b'\n', self.head_start) + 1  # after the status line
+        cdef const char *p = PyBytes_AS_STRING(raw)
+        cdef Py_ssize_t start = self.head_start, first, end
+        while p[start] == b'\r' or p[start] == b'\n':
+            start += 1  # llhttp skips empty lines before a message
+        end = find_crlfcrlf(raw, start) + 2
+        first = find_byte(raw, b'\n', start) + 1  # after the status line
+        if end + 2 > MAX_RESPONSE_HEAD:
+            raise _BadResponse("response head over %d bytes" % MAX_RESPONSE_HEAD)
+        if status < 100:
+            raise _BadResponse("invalid status %d" % status)
         if status < 200 and status != 101:
             self.head_start = end + 2  # 100/102/103: not relayed (we answer 100 ourselves)
             self.informational = True
             return
+        if status == 101 and not (ex.upgrading and self.parser.should_upgrade()):
+            raise _BadResponse("101 to a request that asked for no upgrade")
         self.head_buf = None
         self.response_head_seen = True
         self.resp_keep_alive = self.keep_alive()
         self.switching = status == 101
-        self.exchange.response_head(self, status, raw, first, end)
-        if self.exchange.is_head:
-            raise STOP_RESPONSE
+        ex.response_head(self, status, raw, first, end)
+        if ex.is_head:
+            self.response_done = True
+            if PyBytes_GET_SIZE(raw) > end + 2:
+                raise _BadResponse("sent a body with its response to HEAD; connection closed")
+            raise _StopResponse()
 
     def on_body(self, bytes body):
         self.exchange.response_body(body)
@@ -391,7 +435,7 @@ cdef class UpstreamConnection:
         if self.informational:
             self.informational = False
             return
-        self.response_complete()
+        self.response_done = True  # completed once the whole read is parsed: see receive()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -481,11 +525,19 @@ cdef class UpstreamConnection:
         ex.upstream = None
         ex.response_complete()
 
-    cdef void protocol_error(self, object exc) except *:
+    cdef void protocol_error(self, str reason) except *:
+        """The upstream broke HTTP: the connection is closed, never reused. A response
+        already complete still reaches the client; otherwise 502 (or a cut-off body)."""
         cdef Exchange ex = self.exchange
         self.exchange = None
         self.close()
-        self.fail_exchange(ex, UPSTREAM_RESET, "invalid response: %s" % exc)
+        if not self.response_done:
+            self.fail_exchange(ex, UPSTREAM_RESET, reason)
+            return
+        self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+        self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
+        ex.upstream = None
+        ex.response_complete()
 
     cdef void upgraded(self, bytes rest) except *:
         """The upstream answered 101: from here on both sides are an opaque tunnel."""

@@ -16,6 +16,8 @@ proxy forwards "/api/echo" unchanged, the origin only looks at "echo"):
 
 Extra behaviours are registered per test in `Origin.handlers[name] = fn(conn, req)`;
 a handler with a true `reads_body` attribute reads the request body itself.
+`Origin.on_accept = fn(conn)` runs on every new connection before its first request
+is read (an origin that answers before it was asked).
 Bodies are never buffered whole: the origin keeps the first 64 KiB, the length and
 a CRC-32 of what it received, so 1 GiB uploads cost nothing.
 """
@@ -210,6 +212,24 @@ class OriginConn:
     def respond_json(self, obj, status: int = 200, headers=()) -> None:
         self.respond(status, json.dumps(obj).encode(), [("Content-Type", "application/json")] + list(headers))
 
+    def wait_closed(self, timeout: float = 10) -> bool:
+        """Drop whatever the peer sends until it closes (FIN or RST); False if it has not
+        within `timeout`. The connection is not served further either way."""
+        self.keep_alive = False
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.sock.settimeout(left)
+                if not self.sock.recv(1 << 16):
+                    return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+
     def reset(self) -> None:
         """Abort with RST instead of FIN."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -229,6 +249,7 @@ class Origin:
         # the proxy's pooled connection goes stale behind its back.
         self.close_after_response = close_after_response
         self.handlers: Dict[str, Handler] = {}
+        self.on_accept: Optional[Callable[[OriginConn], None]] = None
         self.requests: List[Request] = []
         self.connections = 0
         self._lock = threading.Lock()
@@ -303,6 +324,8 @@ class Origin:
     def _serve(self, sock: socket.socket, conn_id: int) -> None:
         conn = OriginConn(self, sock, conn_id)
         try:
+            if self.on_accept is not None:
+                self.on_accept(conn)
             while conn.keep_alive and not self._closing:
                 try:
                     req = conn.read_request()
