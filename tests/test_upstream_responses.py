@@ -1,11 +1,16 @@
-"""What reaches the client of an upstream's response: end-to-end headers pass whatever
-their name."""
+"""What reaches the client of an upstream's response: interim (1xx) responses are relayed
+to HTTP/1.1 clients (RFC 9110 15.2), and end-to-end headers pass whatever their name."""
 from __future__ import annotations
 
 import pytest
 
-from harness.client import RawClient
+from harness.client import RawClient, build_request
+from harness.origin import OriginConn, Request
 from harness.proxy import upstream
+
+EARLY_HINTS = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n"
+               b"Connection: X-Hint-Hop\r\nX-Hint-Hop: 1\r\n\r\n")
+PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
 
 END_TO_END = [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https"),
               ("X-Forwarded-Host", "app.example"), ("User-Agent", "origin-agent/1"),
@@ -13,14 +18,56 @@ END_TO_END = [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https"),
               ("Expect", "nothing-really")]
 
 
+def hints(conn: OriginConn, req: Request) -> None:
+    conn.sendall(EARLY_HINTS + PROCESSING)
+    # X-Hint-Hop was hop-by-hop for the 103 only: here it is an ordinary header
+    conn.respond(200, b"hello", headers=[("X-Hint-Hop", "final")])
+
+
+def unasked_continue(conn: OriginConn, req: Request) -> None:
+    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    conn.respond(200, b"hello")
+
+
 @pytest.fixture(scope="module")
 def proxy(module_proxy_factory, module_origin):
+    module_origin.handlers["hints"] = hints
+    module_origin.handlers["unasked_continue"] = unasked_continue
     module_origin.handlers["end_to_end"] = lambda conn, req: conn.respond(200, b"ok", headers=END_TO_END)
     return module_proxy_factory({
         "main": {"workers": 1},
         "upstreams": {"origin": upstream(module_origin)},
         "routes": [{"name": "all", "path_prefix": "/", "upstream": "origin"}],
     })
+
+
+def test_interim_responses_are_relayed_to_http11_clients(proxy):
+    with RawClient(proxy.port) as c:
+        c.send(build_request("GET", "/hints"))
+        early = c.read_response(stop_at_interim=True)
+        assert early.status == 103, early
+        assert early.header_all("link") == ["</style.css>; rel=preload"], early
+        assert not early.header_all("connection") and not early.header_all("x-hint-hop"), early
+        assert c.read_response(stop_at_interim=True).status == 102
+        final = c.read_response()
+        assert (final.status, final.body, final.framing) == (200, b"hello", "length"), final
+        assert final.header_all("x-hint-hop") == ["final"] and not final.header_all("link"), final
+        assert c.request("GET", "/echo?after-hints").status == 200
+
+
+def test_interim_responses_are_not_relayed_to_http10_clients(proxy):
+    with RawClient(proxy.port) as c:
+        c.send(build_request("GET", "/hints", version="HTTP/1.0"))
+        r = c.read_response()
+        assert (r.status, r.interim, r.body) == (200, [], b"hello"), r
+
+
+def test_upstream_100_continue_is_not_relayed(proxy):
+    """The proxy answers Expect: 100-continue itself and never asks the upstream for a 100."""
+    with RawClient(proxy.port) as c:
+        assert c.request("GET", "/unasked_continue").interim == []
+        c.send(build_request("POST", "/unasked_continue", [("Expect", "100-continue")], b"data"))
+        assert c.read_response().interim == [100]  # ours, once
 
 
 def test_end_to_end_response_headers_pass(proxy):

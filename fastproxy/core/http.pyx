@@ -439,6 +439,17 @@ cdef class Exchange:
         out.add(CRLF)
         self.client.write(out.take())
 
+    cdef void interim_response(self, UpstreamConnection conn, int status, bytes raw,
+                               Py_ssize_t first, Py_ssize_t end) except *:
+        """A 1xx (102, 103, ...) before the response, relayed as received minus its
+        hop-by-hop headers; raw[first:end] are its header lines."""
+        cdef ByteWriter out = self.client.core.head_writer
+        out.clear()
+        out.add(status_line(status))
+        conn.copy_head(raw, first, end, out)
+        out.add(CRLF)
+        self.client.write(out.take())
+
     cdef void response_body(self, bytes data) except *:
         cdef ClientConnection client = self.client
         if self.frame == FRAME_CHUNKED:

@@ -154,7 +154,7 @@ cdef class UpstreamConnection:
     cdef double idle_at          # when it last went back to the pool
     cdef int requests            # exchanges completed on this connection
     cdef bint got_bytes          # any response byte for the current exchange
-    cdef bint informational      # parsing a 1xx that is not relayed
+    cdef bint informational      # parsing a 1xx response
     cdef bint switching          # a 101: the connection becomes a tunnel
     cdef bint response_head_seen # the current response's head has been read
     cdef bint response_done      # the whole response is parsed; anything after it is an error
@@ -162,7 +162,7 @@ cdef class UpstreamConnection:
     cdef bint read_paused
     # the response being parsed
     cdef bytes head_buf          # bytes read since the response head began
-    cdef Py_ssize_t head_start   # where it begins in head_buf (after relayed-over 1xx heads)
+    cdef Py_ssize_t head_start   # where it begins in head_buf (after the 1xx heads before it)
     cdef bytes resp_server       # only kept with pass_server_header
     cdef frozenset resp_conn_drop  # header names its Connection header lists
     cdef bytes resp_upgrade
@@ -236,14 +236,17 @@ cdef class UpstreamConnection:
         self.head_start = 0
         self.response_head_seen = False
         self.response_done = False
+        self.forget_response_headers()
+        if self.state == UP_IDLE:
+            self.state = UP_BUSY
+
+    cdef void forget_response_headers(self) noexcept:
         self.resp_server = None
         self.resp_conn_drop = None
         self.resp_upgrade = None
         self.resp_has_length = False
         self.resp_has_date = False
         self.resp_chunked = False
-        if self.state == UP_IDLE:
-            self.state = UP_BUSY
 
     # -- asyncio protocol -------------------------------------------------------
 
@@ -410,8 +413,13 @@ cdef class UpstreamConnection:
         if status < 100:
             raise _BadResponse("invalid status %d" % status)
         if status < 200 and status != 101:
-            self.head_start = end + 2  # 100/102/103: not relayed (we answer 100 ourselves)
+            self.head_start = end + 2
             self.informational = True
+            # RFC 9110 15.2: relay 1xx to HTTP/1.1 clients, except the 100 Continue we
+            # answer ourselves (we never send Expect upstream)
+            if status != 100 and ex.http11:
+                ex.interim_response(self, status, raw, first, end)
+                self.forget_response_headers()  # they belonged to the 1xx
             return
         if status == 101 and not (ex.upgrading and self.parser.should_upgrade()):
             raise _BadResponse("101 to a request that asked for no upgrade")
