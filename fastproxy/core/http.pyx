@@ -278,7 +278,7 @@ cdef class Exchange:
         if self.chunked_in and not self.local_status and self.route is not None:
             self.to_upstream(LAST_CHUNK)
         if self.upstream is not None and self.upstream.state == UP_BUSY:
-            self.upstream.deadline = self.client.core.now + self.upstream.pool.read_timeout
+            self.upstream.await_response()
 
     cdef void to_upstream(self, bytes data) except *:
         if self.up_out is None:
@@ -329,7 +329,7 @@ cdef class Exchange:
             pending.insert(0, self.upstream_head)
             conn.send(pending)
         if self.request_done:
-            conn.deadline = self.client.core.now + conn.pool.read_timeout
+            conn.await_response()
         if self.client.write_paused:
             conn.pause()  # the client's buffer is still full from the previous response
         self.client.resume_reading(PAUSE_BUFFERED)

@@ -1,12 +1,24 @@
 # Upstream side: a pool of kept-alive connections per upstream (per worker) and the
 # protocol that parses an upstream's response and relays it to the client.
 
+from posix.ioctl cimport ioctl
+
+cdef extern from "<sys/ioctl.h>":
+    enum: TIOCOUTQ  # bytes in a TCP socket's send queue, not yet acknowledged by the peer
+
 cdef enum:
     UP_CONNECTING = 1
     UP_BUSY = 2
     UP_IDLE = 3
     UP_CLOSED = 4
     UP_TUNNEL = 5
+
+cdef enum:
+    # what a busy connection's deadline is waiting for (named in the log when it expires)
+    WAIT_NONE = 0
+    WAIT_CONNECT = 1
+    WAIT_SEND = 2       # the upstream to take more of the request (its buffer is full)
+    WAIT_READ = 3       # a response byte, once the request is sent
 
 # The response head, counting the interim (1xx) heads before it, must fit in this: an
 # upstream cannot make us buffer, or relay 1xx responses, without end.
@@ -84,7 +96,7 @@ cdef class UpstreamPool:
         conn.connect_task = self.core.loop.create_task(self.core.loop.create_connection(
             conn._protocol, self.hosts[server], self.ports[server]))
         conn.connect_task.add_done_callback(conn._connect_done)
-        conn.deadline = self.core.now + self.connect_timeout
+        conn.wait_for(WAIT_CONNECT, self.connect_timeout)
 
     cdef void release(self, UpstreamConnection conn) except *:
         """Back to the idle list after a complete exchange. The surplus over `keepalive`
@@ -150,7 +162,10 @@ cdef class UpstreamConnection:
     cdef object feed, status_code, keep_alive, write_one, write_many
     cdef object connect_task
     cdef Exchange exchange
-    cdef double deadline
+    cdef double deadline         # 0: none; idle in the pool: when it is closed
+    cdef int waiting             # WAIT_*: what the deadline of a busy connection is for
+    cdef double wait_since       # when that wait began (the last sign of progress)
+    cdef Py_ssize_t blocked_size # request bytes not taken by the upstream when last looked
     cdef double idle_at          # when it last went back to the pool
     cdef int requests            # exchanges completed on this connection
     cdef bint got_bytes          # any response byte for the current exchange
@@ -160,6 +175,7 @@ cdef class UpstreamConnection:
     cdef bint response_done      # the whole response is parsed; anything after it is an error
     cdef bint resp_keep_alive
     cdef bint read_paused
+    cdef bint write_blocked      # our request bytes fill the transport's buffer
     # the response being parsed
     cdef bytes head_buf          # bytes read since the response head began
     cdef Py_ssize_t head_start   # where it begins in head_buf (after the 1xx heads before it)
@@ -190,8 +206,8 @@ cdef class UpstreamConnection:
         if self.state == UP_CLOSED:
             return  # closed on purpose (its client left) while connecting
         if task.cancelled():
-            self.connect_failed(UPSTREAM_TIMEOUT,
-                                "connect timed out after %gs" % self.pool.connect_timeout)
+            self.connect_failed(UPSTREAM_TIMEOUT, "connect_timeout (%gs) expired after %.1fs" % (
+                self.pool.connect_timeout, self.pool.core.now - self.wait_since))
         elif task.exception() is not None:
             self.connect_failed(UPSTREAM_CONNECT, "connect failed: %s" % task.exception())
 
@@ -237,6 +253,7 @@ cdef class UpstreamConnection:
         self.response_head_seen = False
         self.response_done = False
         self.forget_response_headers()
+        self.stop_waiting()  # a pooled connection's idle deadline is not this exchange's
         if self.state == UP_IDLE:
             self.state = UP_BUSY
 
@@ -247,6 +264,24 @@ cdef class UpstreamConnection:
         self.resp_has_length = False
         self.resp_has_date = False
         self.resp_chunked = False
+
+    # -- deadlines --------------------------------------------------------------
+
+    cdef inline void wait_for(self, int what, double timeout) noexcept:
+        self.waiting = what
+        self.wait_since = self.pool.core.now
+        self.deadline = self.wait_since + timeout
+
+    cdef inline void stop_waiting(self) noexcept:
+        self.waiting = WAIT_NONE
+        self.deadline = 0
+
+    cdef void await_response(self) noexcept:
+        """The request is sent, or a response byte came after it: read_timeout runs from
+        now. While either direction is paused, that pause's own timeout applies instead
+        (send_timeout here, the client's send_timeout when it is not reading)."""
+        if not self.write_blocked and not self.read_paused:
+            self.wait_for(WAIT_READ, self.pool.read_timeout)
 
     # -- asyncio protocol -------------------------------------------------------
 
@@ -271,7 +306,7 @@ cdef class UpstreamConnection:
         self.write_many = transport.writelines
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.state = UP_BUSY
-        self.deadline = 0
+        self.stop_waiting()
         if self.exchange is None or self.exchange.aborted:
             self.exchange = None
             self.pool.release(self)  # connected for a client that left: keep it for the next
@@ -298,8 +333,8 @@ cdef class UpstreamConnection:
         if not self.response_head_seen:
             self.head_buf = data if self.head_buf is None else self.head_buf + data
         self.got_bytes = True
-        if not self.read_paused:
-            self.deadline = self.pool.core.now + self.pool.read_timeout
+        if ex.request_done:
+            self.await_response()
         try:
             self.feed(data)
         except HttpParserUpgrade as exc:
@@ -377,15 +412,21 @@ cdef class UpstreamConnection:
 
     def pause_writing(self):
         self.pool.core.now = monotonic()
+        self.write_blocked = True
         if self.exchange is not None:
             self.exchange.client.pause_reading(PAUSE_UPSTREAM_FULL)
-            self.deadline = self.pool.core.now + self.pool.send_timeout
+            self.blocked_size = self.untaken()
+            self.wait_for(WAIT_SEND, self.pool.send_timeout)
 
     def resume_writing(self):
         self.pool.core.now = monotonic()
+        self.write_blocked = False
         if self.exchange is not None:
             self.exchange.client.resume_reading(PAUSE_UPSTREAM_FULL)
-            self.deadline = 0 if not self.exchange.request_done else self.pool.core.now + self.pool.read_timeout
+            if self.state == UP_BUSY and self.exchange.request_done:
+                self.await_response()
+            else:
+                self.stop_waiting()  # the client's body timeout guards the rest of the upload
 
     # -- httptools callbacks ----------------------------------------------------
 
@@ -522,9 +563,12 @@ cdef class UpstreamConnection:
 
     cdef void response_complete(self) except *:
         cdef Exchange ex = self.exchange
-        cdef bint reusable = self.resp_keep_alive and ex.request_done and not ex.upgrading
+        # with request bytes still buffered, the upstream answered before reading them all:
+        # sent later, they would be read as the next request
+        cdef bint reusable = self.resp_keep_alive and ex.request_done and not ex.upgrading \
+            and not self.write_blocked
         self.requests += 1
-        self.deadline = 0
+        self.stop_waiting()
         if reusable:
             self.pool.release(self)
         else:
@@ -551,7 +595,7 @@ cdef class UpstreamConnection:
         """The upstream answered 101: from here on both sides are an opaque tunnel."""
         cdef Exchange ex = self.exchange
         self.state = UP_TUNNEL
-        self.deadline = 0
+        self.stop_waiting()
         ex.client.start_tunnel(self, rest)
 
     cdef void send(self, list out) except *:
@@ -561,28 +605,57 @@ cdef class UpstreamConnection:
             self.write_many(out)  # one writev, no copy into a joined buffer
 
     cdef void pause(self) except *:
+        """The client is not reading: its send_timeout applies, not our read_timeout."""
         if not self.read_paused and self.transport is not None:
             self.read_paused = True
-            self.deadline = 0
+            if not self.write_blocked:
+                self.stop_waiting()
             self.transport.pause_reading()
 
     cdef void resume(self) except *:
         if self.read_paused and self.transport is not None:
             self.read_paused = False
-            if self.state == UP_BUSY:
-                self.deadline = self.pool.core.now + self.pool.read_timeout
+            if self.state == UP_BUSY and self.exchange is not None and self.exchange.request_done:
+                self.await_response()
             self.transport.resume_reading()
 
     cdef void timed_out(self) except *:
         cdef Exchange ex = self.exchange
+        cdef double waited = self.pool.core.now - self.wait_since
+        cdef Py_ssize_t untaken
+        cdef str reason
         if self.state == UP_CONNECTING:
             if self.connect_task is not None:
                 self.connect_task.cancel()  # _connect_done reports the timeout
             return
+        if self.waiting == WAIT_SEND:
+            untaken = self.untaken()
+            if untaken < self.blocked_size:
+                # the upstream took part of the request since we last looked: slow, not stuck
+                self.blocked_size = untaken
+                self.wait_for(WAIT_SEND, self.pool.send_timeout)
+                return
+            reason = "send_timeout (%gs) expired: the upstream took none of the request for %.1fs" % (
+                self.pool.send_timeout, waited)
+        elif self.got_bytes:
+            reason = "read_timeout (%gs) expired: nothing from the upstream for %.1fs after its last byte" % (
+                self.pool.read_timeout, waited)
+        else:
+            reason = "read_timeout (%gs) expired: no response %.1fs after the request was sent" % (
+                self.pool.read_timeout, waited)
         self.exchange = None
         self.close()
-        self.fail_exchange(ex, UPSTREAM_TIMEOUT, "timed out after %gs without a byte" % (
-            self.pool.read_timeout if ex is not None and ex.request_done else self.pool.send_timeout))
+        self.fail_exchange(ex, UPSTREAM_TIMEOUT, reason)
+
+    cdef Py_ssize_t untaken(self) except -1:
+        """Request bytes the upstream has not acknowledged: in our write buffer and in the
+        kernel's send queue (which hides megabytes of progress on a fast link). Only
+        looked at while writing is paused, so the system call is rare."""
+        cdef int queued = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or ioctl(sock.fileno(), TIOCOUTQ, &queued) != 0:
+            queued = 0
+        return self.transport.get_write_buffer_size() + queued
 
     cdef void close(self) except *:
         if self.state == UP_IDLE:
