@@ -10,9 +10,6 @@ cdef enum:
     LOG_JSON = 2
 
 
-cdef const char *HEX_UPPER = b"0123456789ABCDEF"
-
-
 cdef inline bint needs_escape(unsigned char c) noexcept:
     return c < 32 or c >= 127 or c == b'"' or c == b'\\'
 
