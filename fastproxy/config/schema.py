@@ -444,6 +444,11 @@ MAIN = Section("main", "[main]", TABLE, DEFAULTS, (
     Key("server_header", String(), "fastproxy", "Value of the `Server` header of every response."),
     Key("pass_server_header", Boolean(), False, "`true`: keep the upstream's `Server` header instead of "
         "replacing it with `server_header`."),
+    Key("allow_encoded_slashes", Boolean(), False, "`true`: `%2F` and `%5C` in a request path go to the "
+        "upstream as they are (hex upper-cased), and so does a literal `\\`; `false`: refused with 400, "
+        "since an upstream that decodes them would see other path segments than the routes did (see "
+        "http.md, Request paths). `%00` is always refused. Process-wide, not per route: the path must "
+        "be checked before it can choose a route."),
 ), "Process-wide settings. The section may be left out; every key has a default.")
 
 ACCESS_LOG = Section("access_log", "[access_log]", TABLE, DEFAULTS, (
