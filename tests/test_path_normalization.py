@@ -148,3 +148,16 @@ def test_access_log_keeps_the_target_as_received(proxy):
     wait_until(logged, 10, message="access-log lines with the targets as received")
 
 
+
+def test_route_paths_that_can_never_match_are_config_errors(make_proxy, origin):
+    paths = {"/%7euser/": "%7e (decoded to '~')", "/a//b": "'//' (slashes are merged)",
+             "/a/./b": "a '.' or '..' segment (they are resolved)", "/a%2fb": "%2f (written %2F)",
+             "/a%zz": "%zz (requests with it are refused)", "/a%00": "%00 (requests with it are refused)"}
+    p = make_proxy({"upstreams": {"o": upstream(origin)},
+                    "routes": [{"path_prefix": path, "upstream": "o"} for path in paths]}, start=False)
+    p.write_config()
+    result = p.run_cli("-t", "-c", str(p.config_path))
+    assert result.returncode != 0, result
+    for index, (path, problem) in enumerate(paths.items()):
+        assert (f'routes[{index}].path_prefix: "{path}" can never match: request paths are matched in '
+                f"normal form (docs/http.md, Request paths), and this has {problem}") in result.stderr, result.stderr
