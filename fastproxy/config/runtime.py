@@ -50,6 +50,7 @@ class Main:
     send_timeout: float
     server_header: bytes  # value of the Server header we send
     pass_server_header: bool  # True: keep the upstream's Server header instead
+    allow_encoded_slashes: bool  # True: %2F, %5C and a literal backslash in a path pass through (else 400)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import string
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -278,6 +279,26 @@ class HostPattern(Kind):
         return host
 
 
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def not_normal(path: str) -> Optional[str]:
+    """What keeps `path` from being in the normal form requests are routed in, or None."""
+    if "//" in path:
+        return "'//' (slashes are merged)"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "a '.' or '..' segment (they are resolved)"
+    for escape in re.findall(r"%.{0,2}", path):
+        if not re.fullmatch(r"%[0-9A-Fa-f]{2}", escape) or escape == "%00":
+            return f"{escape} (requests with it are refused)"
+        char = chr(int(escape[1:], 16))
+        if char in _UNRESERVED:
+            return f"{escape} (decoded to {char!r})"
+        if escape != escape.upper():
+            return f"{escape} (written {escape.upper()})"
+    return None
+
+
 class Path(Kind):
     """A request path as clients send it on the wire."""
     name = 'string starting with "/"'
@@ -290,6 +311,10 @@ class Path(Kind):
             raise Invalid(f"{json.dumps(value)} must be printable ASCII without spaces (percent-encode the rest)")
         if "?" in value or "#" in value:
             raise Invalid(f"{json.dumps(value)} must not contain '?' or '#' (routes match the path only)")
+        problem = not_normal(value)
+        if problem:
+            raise Invalid(f"{json.dumps(value)} can never match: request paths are matched in normal form "
+                          f"(docs/http.md, Request paths), and this has {problem}")
         return value
 
 
@@ -444,6 +469,11 @@ MAIN = Section("main", "[main]", TABLE, DEFAULTS, (
     Key("server_header", String(), "fastproxy", "Value of the `Server` header of every response."),
     Key("pass_server_header", Boolean(), False, "`true`: keep the upstream's `Server` header instead of "
         "replacing it with `server_header`."),
+    Key("allow_encoded_slashes", Boolean(), False, "`true`: `%2F` and `%5C` in a request path go to the "
+        "upstream as they are (hex upper-cased), and so does a literal `\\`; `false`: refused with 400, "
+        "since an upstream that decodes them would see other path segments than the routes did (see "
+        "http.md, Request paths). `%00` is always refused. Process-wide, not per route: the path must "
+        "be checked before it can choose a route."),
 ), "Process-wide settings. The section may be left out; every key has a default.")
 
 ACCESS_LOG = Section("access_log", "[access_log]", TABLE, DEFAULTS, (

@@ -10,9 +10,6 @@ cdef enum:
     LOG_JSON = 2
 
 
-cdef const char *HEX_UPPER = b"0123456789ABCDEF"
-
-
 cdef inline bint needs_escape(unsigned char c) noexcept:
     return c < 32 or c >= 127 or c == b'"' or c == b'\\'
 
@@ -55,6 +52,13 @@ def escape_json(bytes value):
     cdef ByteWriter out = ByteWriter(max(16, len(value) * 6))
     add_escaped(out, value, LOG_JSON)
     return out.take()
+
+
+cdef inline bytes request_target(Exchange ex):
+    """The target as the client sent it (`url` may hold the normalised one sent upstream)."""
+    if ex.received_url is not None:
+        return ex.received_url
+    return ex.url if ex.url is not None else b"-"
 
 
 cdef int add_seconds3(ByteWriter out, double value, bytes absent) except -1:
@@ -129,7 +133,7 @@ cdef class AccessLog:
             out.add(b'] "')
             add_escaped(out, ex.method if ex.method is not None else b"-", LOG_COMBINED)
             out.add(b" ")
-            add_escaped(out, ex.url if ex.url is not None else b"-", LOG_COMBINED)
+            add_escaped(out, request_target(ex), LOG_COMBINED)
             out.add(b" HTTP/1.1\" " if ex.http11 else b" HTTP/1.0\" ")
             out.add_decimal(status)
             out.add(b" ")
@@ -157,7 +161,7 @@ cdef class AccessLog:
             out.add(b'","method":"')
             add_escaped(out, ex.method if ex.method is not None else b"-", LOG_JSON)
             out.add(b'","uri":"')
-            add_escaped(out, ex.url if ex.url is not None else b"-", LOG_JSON)
+            add_escaped(out, request_target(ex), LOG_JSON)
             out.add(b'","protocol":"HTTP/1.1","status":' if ex.http11
                     else b'","protocol":"HTTP/1.0","status":')
             out.add_decimal(status)

@@ -185,6 +185,7 @@ cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 cdef const char *HEX_DIGITS = b"0123456789abcdef"
+cdef const char *HEX_UPPER = b"0123456789ABCDEF"
 
 
 cdef class RequestIds:

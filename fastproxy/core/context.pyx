@@ -26,6 +26,7 @@ cdef class WorkerCore:
     cdef bytes server_line
     cdef bytes date_line
     cdef bint pass_server_header
+    cdef bint allow_encoded_slashes
     cdef double tick_interval
     cdef double next_log_flush
     cdef double log_flush_interval
@@ -50,6 +51,7 @@ cdef class WorkerCore:
         self.keepalive_requests = main.keepalive_requests
         self.server_line = b"Server: " + main.server_header + b"\r\n" if main.server_header else b""
         self.pass_server_header = main.pass_server_header
+        self.allow_encoded_slashes = main.allow_encoded_slashes
         self.pools_by_name = {
             u.name: UpstreamPool(self, u, upstream_ids[i]) for i, u in enumerate(runtime.upstreams)}
         self.router = Router([self.compile_route(r, route_ids[i]) for i, r in enumerate(runtime.routes)])

@@ -49,6 +49,7 @@ cdef class Exchange:
     cdef CompiledRoute route
     cdef UpstreamConnection upstream
     cdef bytes method, url, path, host, request_id, xff, referer, user_agent, upstream_addr
+    cdef bytes received_url     # the target as the client sent it, when `url` was rewritten
     cdef list fwd_headers       # name, value, name, value, ... in arrival order
     cdef frozenset conn_drop    # header names the Connection header lists
     cdef list up_out            # upstream-bound bytes not yet written
@@ -124,7 +125,6 @@ cdef class Exchange:
         cdef WorkerCore core = client.core
         cdef list allowed
         cdef bytes host
-        cdef Py_ssize_t q
         self.head_done = True
         self.method = client.get_method()
         self.keep_alive = client.should_keep_alive()
@@ -160,13 +160,7 @@ cdef class Exchange:
         elif not valid_host(self.host):
             self.fail(400)
             return
-        q = find_byte(self.url, b'?', 0)
-        self.path = self.url if q < 0 else self.url[:q]
-        if not self.path.startswith(b"/"):
-            if not self.absolute_form():
-                self.fail(400)
-                return
-        if has_dot_segment(self.path):
+        if not self.set_path(core.allow_encoded_slashes):
             self.fail(400)
             return
         host = normalize_host(self.host) if core.router.uses_hosts else self.host
@@ -194,25 +188,40 @@ cdef class Exchange:
             return
         self.upstream_head = self.build_upstream_head(core)
 
-    cdef bint absolute_form(self) except *:
-        """http://host/path targets (RFC 9112 3.2.2): route on their path and authority."""
-        cdef bytes lower = self.path[:8].lower()
+    cdef bint set_path(self, bint keep_encoded_slashes) except *:
+        """Sets `path` to the normal form of the target's path (path.pyx): the router and the
+        upstream both get that one. False when the target is refused. A target that changes
+        is rewritten in `url` (the query kept as sent) and kept in `received_url` for the log."""
+        cdef Py_ssize_t q = find_byte(self.url, b'?', 0)
+        cdef bytes received = self.url if q < 0 else self.url[:q]
+        cdef bytes path = received if received.startswith(b"/") else self.absolute_form(received)
+        if path is not None:
+            path = normalized_path(path, keep_encoded_slashes)
+        if path is None:
+            return False
+        if path is not received:
+            self.received_url = self.url
+            self.url = path if q < 0 else path + self.url[q:]
+        self.path = path
+        return True
+
+    cdef bytes absolute_form(self, bytes target):
+        """The path of an http://host/path target (RFC 9112 3.2.2), whose authority replaces
+        Host; None for a target in any other form. `target` ends before the query."""
+        cdef bytes lower = target[:8].lower()
         cdef Py_ssize_t start, slash
         if lower.startswith(b"http://"):
             start = 7
         elif lower.startswith(b"https://"):
             start = 8
         else:
-            return False
-        slash = find_byte(self.url, b'/', start)
-        authority = self.url[start:] if slash < 0 else self.url[start:slash]
+            return None
+        slash = find_byte(target, b'/', start)
+        authority = target[start:] if slash < 0 else target[start:slash]
         if not authority:
-            return False
+            return None
         self.host = authority
-        self.url = b"/" if slash < 0 else self.url[slash:]
-        q = find_byte(self.url, b'?', 0)
-        self.path = self.url if q < 0 else self.url[:q]
-        return True
+        return b"/" if slash < 0 else target[slash:]
 
     cdef bytes build_upstream_head(self, WorkerCore core):
         cdef ByteWriter out = core.head_writer

@@ -92,15 +92,3 @@ cdef bytes normalize_host(bytes host):
         host = host[:i]
     return host.lower()
 
-
-cdef inline bint has_dot_segment(bytes path) noexcept:
-    """"/a/../b" and "/./" are refused: upstreams would resolve them differently from our prefix match."""
-    cdef const char *p = PyBytes_AS_STRING(path)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(path), i
-    for i in range(n):
-        if p[i] == b'/' and i + 1 < n and p[i + 1] == b'.':
-            if i + 2 == n or p[i + 2] == b'/':
-                return True
-            if p[i + 2] == b'.' and (i + 3 == n or p[i + 3] == b'/'):
-                return True
-    return False
