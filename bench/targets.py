@@ -146,7 +146,7 @@ class Workdir:
 class Origin:
     """nginx, one worker on the load CPU, serving the files the scenarios fetch."""
 
-    FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20}
+    FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20, "64m": 64 << 20}
 
     def __init__(self, keep: bool = False):
         self.dir = Workdir("origin", keep)

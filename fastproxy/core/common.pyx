@@ -8,6 +8,7 @@ from libc.string cimport memchr, memcpy
 
 cdef extern from "string.h":
     void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen) nogil
+from cpython.object cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -21,6 +22,54 @@ from httptools import HttpParserError, HttpParserCallbackError, HttpParserUpgrad
 
 cdef extern from "strings.h":
     int strncasecmp(const char *s1, const char *s2, size_t n)
+
+
+# Where llhttp stopped. httptools raises HttpParserCallbackError when a callback raises, but
+# does not say where in the fed bytes parsing stopped; llhttp records it in its state
+# (error_pos), and httptools keeps that state behind the first field of its parser object.
+# Both layouts are checked once at import (parser_layout_ok), so an httptools that laid them
+# out differently fails loudly at start instead of reading the wrong memory.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    typedef struct {            /* the head of llhttp_t (llhttp.h), unchanged since llhttp 2 */
+        int32_t index_;
+        void *span_pos0_;
+        void *span_cb0_;
+        int32_t error;
+        const char *reason;
+        const char *error_pos;
+        void *data;             /* httptools points it back at its parser object */
+    } fp_llhttp_head;
+    typedef struct {            /* an httptools HttpParser: a Cython object with a vtable */
+        PyObject_HEAD
+        void *vtab_;
+        fp_llhttp_head *cparser;
+    } fp_httptools_parser;
+    """
+    ctypedef struct fp_llhttp_head:
+        const char *error_pos
+        void *data
+    ctypedef struct fp_httptools_parser:
+        fp_llhttp_head *cparser
+
+
+cdef inline fp_llhttp_head *llhttp_state(object parser) noexcept:
+    return (<fp_httptools_parser *><PyObject *>parser).cparser
+
+
+cdef Py_ssize_t stopped_at(object parser, bytes data) noexcept:
+    """Offset in `data` (the bytes last fed to `parser`) where a callback stopped it."""
+    return llhttp_state(parser).error_pos - PyBytes_AS_STRING(data)
+
+
+cdef bint parser_layout_ok():
+    parser = HttpRequestParser(None)
+    return llhttp_state(parser).data == <void *>parser
+
+
+if not parser_layout_ok():
+    raise ImportError("fastproxy does not know this httptools version's parser layout")
 
 
 cdef inline double monotonic() noexcept:
