@@ -497,6 +497,7 @@ cdef class ClientConnection:
     cdef double deadline
     cdef Py_ssize_t head_raw
     cdef bint closing, write_paused, parse_failed, upgraded
+    cdef int fd                  # the socket's descriptor, once looked up (see send_room)
 
     def __init__(self, WorkerCore core):
         self.core = core
@@ -515,7 +516,7 @@ cdef class ClientConnection:
         self.transport = transport
         self.write_one = transport.write
         self.write_many = transport.writelines
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)
@@ -689,6 +690,14 @@ cdef class ClientConnection:
         if self.tunnel is not None:
             return self.tunnel
         return self.current.upstream if self.current is not None else None
+
+    cdef Py_ssize_t send_room(self) except -1:
+        """How much more can be written before the client is paused: what its socket takes
+        now plus what its write buffer may hold below the high-water mark."""
+        if self.fd == 0:
+            self.fd = self.transport.get_extra_info("socket").fileno()
+        return socket_send_room(self.fd) + CLIENT_HIGH_WATER \
+            - self.transport.get_write_buffer_size()
 
     cdef void write(self, bytes data) except *:
         if self.current is not None:
