@@ -57,6 +57,10 @@ def parse_args(argv) -> argparse.Namespace:
                         "instead of the comparison")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--keep", action="store_true", help="keep the targets' temp dirs")
+    p.add_argument("--before", type=Path, metavar="TREE",
+                   help="another fastproxy checkout, built in place (setup.py build_ext "
+                        "--inplace): measured as fastproxy-Nw-before beside fastproxy-Nw in the "
+                        "same rounds, so a change's CPU per request is compared in one run")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     args = p.parse_args(argv)
     args.retries, args.retry_budget = RETRIES, RETRY_BUDGET
@@ -81,6 +85,8 @@ def scenario_targets(sc: Scenario, args) -> List[str]:
     if args.profile:
         return ["fastproxy-1w"]
     names = args.targets.split(",") if args.targets else list(sc.targets)
+    if args.before is not None:
+        names += [n + "-before" for n in names if n.startswith("fastproxy-")]
     if sc.reload_every:
         names = [n for n in names if n != "direct"]  # the origin is not reloaded
     return names
@@ -292,7 +298,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     origin = Origin(args.keep)
-    targets = make_targets(all_names, origin, args.access_log == "on", args.keep)
+    targets = make_targets(all_names, origin, args.access_log == "on", args.keep,
+                           args.before.resolve() if args.before else None)
     results = []
     started = time.monotonic()
     try:

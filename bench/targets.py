@@ -146,7 +146,7 @@ class Workdir:
 class Origin:
     """nginx, one worker on the load CPU, serving the files the scenarios fetch."""
 
-    FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20}
+    FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20, "64m": 64 << 20}
 
     def __init__(self, keep: bool = False):
         self.dir = Workdir("origin", keep)
@@ -283,10 +283,11 @@ class HAProxy(Target):
 
 
 class FastProxy(Target):
-    def __init__(self, workers: int, *args):
+    def __init__(self, workers: int, *args, tree: Path = HERE.parent, suffix: str = ""):
         super().__init__(*args)
         self.workers = workers
-        self.name = f"fastproxy-{workers}w"
+        self.tree = tree
+        self.name = f"fastproxy-{workers}w{suffix}"
         self.baseline = f"nginx-{workers}w"
 
     def start(self) -> None:
@@ -298,9 +299,9 @@ class FastProxy(Target):
                                workers=self.workers, origin_port=self.origin.port,
                                keepalive=UPSTREAM_KEEPALIVE,
                                access_log=d / "access.log" if self.access_log else "off"))
-        # The checkout this bench lives in is the fastproxy measured.
+        # The checkout measured: this bench's own, or the one given with --before.
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent),
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.tree),
                                                           env.get("PYTHONPATH")]))
         self._launch([sys.executable, "-m", "fastproxy", "-c", str(conf)], env)
 
@@ -308,10 +309,14 @@ class FastProxy(Target):
         os.kill(self.server.pid, signal.SIGHUP)
 
 
-def make_targets(names, origin: Origin, access_log: bool, keep: bool) -> Dict[str, Target]:
+def make_targets(names, origin: Origin, access_log: bool, keep: bool,
+                 before: Optional[Path] = None) -> Dict[str, Target]:
     kinds = {"direct": lambda: Direct(origin, access_log, keep)}
     for n in (1, 2):
         kinds[f"fastproxy-{n}w"] = lambda n=n: FastProxy(n, origin, access_log, keep)
+        if before is not None:
+            kinds[f"fastproxy-{n}w-before"] = lambda n=n: FastProxy(
+                n, origin, access_log, keep, tree=before, suffix="-before")
         kinds[f"nginx-{n}w"] = lambda n=n: Nginx(n, origin, access_log, keep)
         kinds[f"haproxy-{n}t"] = lambda n=n: HAProxy(n, origin, access_log, keep)
     unknown = [n for n in names if n not in kinds]

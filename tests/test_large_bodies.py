@@ -7,14 +7,13 @@ test nor the origin ever holds more than a few MiB. Worker RSS is sampled from
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
 
 from harness.client import RawClient, build_request, consume_pattern_body, send_pattern
 from harness.origin import pattern_crc
-from harness.proxy import rss_kib, upstream
+from harness.proxy import RssSampler, upstream
 
 GIB = 1 << 30
 MAX_GROWTH_KIB = 50 * 1024
@@ -32,36 +31,6 @@ def proxy(module_proxy_factory, module_origin):
 @pytest.fixture(scope="module")
 def gib_crc():
     return pattern_crc(GIB)
-
-
-class RssSampler:
-    """Samples every worker's VmRSS in a thread; `growth()` is the largest peak - baseline."""
-
-    def __init__(self, pids):
-        self.pids = pids
-        self.baseline = {p: rss_kib(p) for p in pids}
-        self.peak = dict(self.baseline)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.1):
-            for p in self.pids:
-                try:
-                    self.peak[p] = max(self.peak[p], rss_kib(p))
-                except (OSError, AssertionError):
-                    pass
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def growth(self):
-        return {p: self.peak[p] - self.baseline[p] for p in self.pids}
 
 
 def warm_up(proxy):

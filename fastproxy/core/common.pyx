@@ -8,6 +8,7 @@ from libc.string cimport memchr, memcpy
 
 cdef extern from "string.h":
     void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen) nogil
+from cpython.object cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -21,6 +22,54 @@ from httptools import HttpParserError, HttpParserCallbackError, HttpParserUpgrad
 
 cdef extern from "strings.h":
     int strncasecmp(const char *s1, const char *s2, size_t n)
+
+
+# Where llhttp stopped. httptools raises HttpParserCallbackError when a callback raises, but
+# does not say where in the fed bytes parsing stopped; llhttp records it in its state
+# (error_pos), and httptools keeps that state behind the first field of its parser object.
+# Both layouts are checked once at import (parser_layout_ok), so an httptools that laid them
+# out differently fails loudly at start instead of reading the wrong memory.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    typedef struct {            /* the head of llhttp_t (llhttp.h), unchanged since llhttp 2 */
+        int32_t index_;
+        void *span_pos0_;
+        void *span_cb0_;
+        int32_t error;
+        const char *reason;
+        const char *error_pos;
+        void *data;             /* httptools points it back at its parser object */
+    } fp_llhttp_head;
+    typedef struct {            /* an httptools HttpParser: a Cython object with a vtable */
+        PyObject_HEAD
+        void *vtab_;
+        fp_llhttp_head *cparser;
+    } fp_httptools_parser;
+    """
+    ctypedef struct fp_llhttp_head:
+        const char *error_pos
+        void *data
+    ctypedef struct fp_httptools_parser:
+        fp_llhttp_head *cparser
+
+
+cdef inline fp_llhttp_head *llhttp_state(object parser) noexcept:
+    return (<fp_httptools_parser *><PyObject *>parser).cparser
+
+
+cdef Py_ssize_t stopped_at(object parser, bytes data) noexcept:
+    """Offset in `data` (the bytes last fed to `parser`) where a callback stopped it."""
+    return llhttp_state(parser).error_pos - PyBytes_AS_STRING(data)
+
+
+cdef bint parser_layout_ok():
+    parser = HttpRequestParser(None)
+    return llhttp_state(parser).data == <void *>parser
+
+
+if not parser_layout_ok():
+    raise ImportError("fastproxy does not know this httptools version's parser layout")
 
 
 cdef inline double monotonic() noexcept:
@@ -175,10 +224,41 @@ cdef inline bytes status_line(int code):
     return b"HTTP/1.1 %d Unknown\r\n" % code
 
 
-# Per-direction buffering before the other side is paused: one event-loop read is up to
-# 256 KiB, so a lower mark would pause and resume the peer on every read.
+# Buffering toward an upstream before the client is paused: one event-loop read is up to
+# 256 KiB, so a lower mark would pause and resume the client on every read.
 cdef Py_ssize_t WRITE_HIGH_WATER = 256 * 1024
 cdef Py_ssize_t WRITE_LOW_WATER = 64 * 1024
+# Buffering toward a client: what a client that stops reading holds in the worker, with at
+# most one BODY_READ_MAX read on top (see UpstreamConnection.read_body_into_buffer).
+cdef Py_ssize_t CLIENT_HIGH_WATER = 64 * 1024
+cdef Py_ssize_t CLIENT_LOW_WATER = 16 * 1024
+# Reads of a response body that spans several reads: the worker's one read buffer, in pieces
+# no larger than what the client's socket and write buffer have room for (at least BODY_READ_MIN).
+cdef Py_ssize_t BODY_READ_MAX = 256 * 1024
+cdef Py_ssize_t BODY_READ_MIN = 16 * 1024
+# A response body longer than one plain read switches to those reads.
+cdef Py_ssize_t LONG_BODY = 256 * 1024
+
+cdef extern from "sys/ioctl.h":
+    int ioctl(int fd, unsigned long request, ...) nogil
+cdef extern from "linux/sockios.h":
+    enum: SIOCOUTQ
+cdef extern from "sys/socket.h":
+    ctypedef unsigned int socklen_t
+    int getsockopt(int fd, int level, int name, void *value, socklen_t *length) nogil
+    enum: SOL_SOCKET, SO_SNDBUF
+
+
+cdef Py_ssize_t socket_send_room(int fd) noexcept:
+    """About how many bytes the kernel would take on socket `fd` now (0 when unknown): its
+    send buffer less what is queued in it, less an eighth for the kernel's own overhead per
+    segment (a full loopback socket stops taking data at about 91 % of SO_SNDBUF)."""
+    cdef int size = 0, queued = 0
+    cdef socklen_t length = sizeof(size)
+    if getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &length) != 0 or ioctl(fd, SIOCOUTQ, &queued) != 0:
+        return 0
+    size -= size >> 3
+    return size - queued if size > queued else 0
 
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -296,6 +376,16 @@ cdef class ByteWriter:
         cdef bytes out = PyBytes_FromStringAndSize(self.data, self.size)
         self.size = 0
         return out
+
+
+cdef Py_ssize_t parse_length(const char *p, Py_ssize_t n) noexcept:
+    """A Content-Length value llhttp has accepted (digits only); saturates instead of overflowing."""
+    cdef Py_ssize_t value = 0, i
+    for i in range(n):
+        if value > (<Py_ssize_t>1 << 56):
+            return value
+        value = value * 10 + (p[i] - ASCII_ZERO)
+    return value
 
 
 cdef inline bint valid_request_id(bytes value) noexcept:

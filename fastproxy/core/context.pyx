@@ -12,6 +12,9 @@ cdef class WorkerCore:
     cdef set clients
     cdef RequestIds ids
     cdef ByteWriter head_writer  # every message head is built in it, then taken as bytes
+    # response bodies that span several reads are read into this one buffer (BodyReader):
+    # a read is handled before the next begins, so every connection can share it
+    cdef object read_view
     cdef bint draining
     cdef double drain_deadline
     # monotonic time of the event-loop callback being run: every entry point from the
@@ -41,6 +44,7 @@ cdef class WorkerCore:
         self.clients = set()
         self.ids = RequestIds()
         self.head_writer = ByteWriter(4096)
+        self.read_view = memoryview(bytearray(BODY_READ_MAX))
         self.metrics = MetricsWriter.new(metrics_buffer, counter_slot)
         self.max_uri_size = main.max_uri_size
         self.max_header_size = max([main.max_header_size] + [r.max_header_size for r in runtime.routes])

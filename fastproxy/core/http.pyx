@@ -26,6 +26,11 @@ cdef enum:
     TIMER_SEND = 4      # client not reading our response: close
 
 cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
+# Pipelining: at most this many complete requests wait behind the one being answered; the
+# bytes read after the last of them are kept unparsed, up to PIPELINE_HELD, until the queue
+# drains. A client past both gets the queued answers, then the connection closes.
+cdef Py_ssize_t PIPELINE_DEPTH = 32
+cdef Py_ssize_t PIPELINE_HELD = 16 * 1024
 cdef Py_ssize_t COALESCE_LIMIT = 4096  # client writes up to this size are joined (see flush)
 
 cdef bytes CRLF = b"\r\n"
@@ -41,6 +46,11 @@ class _StopRequest(Exception):
 
 
 cdef object STOP_REQUEST = _StopRequest()
+
+
+class _PipelineFull(Exception):
+    """Raised from on_message_complete when PIPELINE_DEPTH requests are queued: the only way
+    to stop httptools at a message boundary (see ClientConnection.hold)."""
 
 
 @cython.freelist(64)
@@ -500,15 +510,20 @@ cdef class ClientConnection:
     cdef list out                # bytes for the client not yet written
     cdef UpstreamConnection tunnel
     cdef list tunnel_pending     # client bytes that followed a websocket upgrade request
+    cdef bytes held              # bytes read past a full pipelining queue, not parsed yet
     cdef int paused
     cdef int requests
     cdef int timer
     cdef double deadline
     cdef Py_ssize_t head_raw
     cdef bint closing, write_paused, parse_failed, upgraded
+    cdef int fd                  # the socket's descriptor, once looked up (see send_room)
 
     def __init__(self, WorkerCore core):
         self.core = core
+        self.new_parser()
+
+    cdef void new_parser(self) except *:
         self.parser = HttpRequestParser(self)
         self.feed = self.parser.feed_data
         self.get_method = self.parser.get_method
@@ -521,7 +536,7 @@ cdef class ClientConnection:
         self.transport = transport
         self.write_one = transport.write
         self.write_many = transport.writelines
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)
@@ -550,6 +565,11 @@ cdef class ClientConnection:
             self.feed(data)
         except HttpParserUpgrade as exc:
             self.upgrade_requested(data[exc.args[0]:])
+        except HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _PipelineFull):
+                self.hold(data, stopped_at(self.parser, data))
+            else:
+                self.parse_error(exc)
         except HttpParserError as exc:
             self.parse_error(exc)
         ex = self.parsing
@@ -596,6 +616,7 @@ cdef class ClientConnection:
         self.current = None
         self.parsing = None
         self.queue = None
+        self.held = None
         self.core.connection_gone()
 
     def pause_writing(self):
@@ -668,6 +689,8 @@ cdef class ClientConnection:
                 ex.respond_local()
         else:
             self.pause_reading(PAUSE_PIPELINE)
+            if len(self.queue) >= PIPELINE_DEPTH:
+                raise _PipelineFull()  # a new instance: a shared one would keep every traceback
 
     # -- flow -------------------------------------------------------------------
 
@@ -687,6 +710,14 @@ cdef class ClientConnection:
         if self.tunnel is not None:
             return self.tunnel
         return self.current.upstream if self.current is not None else None
+
+    cdef Py_ssize_t send_room(self) except -1:
+        """How much more can be written before the client is paused: what its socket takes
+        now plus what its write buffer may hold below the high-water mark."""
+        if self.fd == 0:
+            self.fd = self.transport.get_extra_info("socket").fileno()
+        return socket_send_room(self.fd) + CLIENT_HIGH_WATER \
+            - self.transport.get_write_buffer_size()
 
     cdef void write(self, bytes data) except *:
         if self.current is not None:
@@ -783,6 +814,22 @@ cdef class ClientConnection:
             nxt.dispatch()
         else:
             self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
+        if self.held is not None and not self.queue and not self.closing:
+            held, self.held = self.held, None
+            self.receive(held)  # the requests read past the full queue, in their turn
+
+    cdef void hold(self, bytes data, Py_ssize_t stop) except *:
+        """The pipelining queue is full and parsing stopped at data[stop]: keep the rest
+        unparsed (a client costs the queue plus PIPELINE_HELD bytes, not all it sent)."""
+        cdef Py_ssize_t rest = len(data) - stop
+        self.new_parser()  # the stopped one is in its error state; messages start afresh
+        if rest > PIPELINE_HELD:
+            # more than we keep: answer what is queued, then close; a pipelining client
+            # sends unanswered requests again on a new connection (RFC 9112 9.3.2)
+            self.parse_failed = True
+            (<Exchange>self.queue[len(self.queue) - 1]).close_after = True
+        elif rest > 0:
+            self.held = data[stop:]
 
     cdef void refuse(self, Exchange ex) except *:
         """A request we will not read further: the parser's state can no longer be trusted,

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set
@@ -116,6 +117,36 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+class RssSampler:
+    """Samples every worker's VmRSS in a thread; `growth()` is the largest peak - baseline."""
+
+    def __init__(self, pids):
+        self.pids = pids
+        self.baseline = {p: rss_kib(p) for p in pids}
+        self.peak = dict(self.baseline)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            for p in self.pids:
+                try:
+                    self.peak[p] = max(self.peak[p], rss_kib(p))
+                except (OSError, AssertionError):
+                    pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def growth(self):
+        return {p: self.peak[p] - self.baseline[p] for p in self.pids}
 
 
 def cmdline(pid: int) -> str:
