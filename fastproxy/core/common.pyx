@@ -239,24 +239,32 @@ cdef Py_ssize_t BODY_READ_MIN = 16 * 1024
 # A response body longer than one plain read switches to those reads.
 cdef Py_ssize_t LONG_BODY = 256 * 1024
 
-cdef extern from "sys/ioctl.h":
-    int ioctl(int fd, unsigned long request, ...) nogil
-cdef extern from "linux/sockios.h":
-    enum: SIOCOUTQ
+from posix.ioctl cimport ioctl
+cdef extern from "<sys/ioctl.h>":
+    enum: TIOCOUTQ  # bytes in a TCP socket's send queue, not yet acknowledged by the peer
 cdef extern from "sys/socket.h":
     ctypedef unsigned int socklen_t
     int getsockopt(int fd, int level, int name, void *value, socklen_t *length) nogil
     enum: SOL_SOCKET, SO_SNDBUF
 
 
+cdef int socket_queued(int fd) noexcept:
+    """Bytes in socket `fd`'s kernel send queue (0 when unknown)."""
+    cdef int queued = 0
+    if ioctl(fd, TIOCOUTQ, &queued) != 0:
+        return 0
+    return queued
+
+
 cdef Py_ssize_t socket_send_room(int fd) noexcept:
     """About how many bytes the kernel would take on socket `fd` now (0 when unknown): its
     send buffer less what is queued in it, less an eighth for the kernel's own overhead per
     segment (a full loopback socket stops taking data at about 91 % of SO_SNDBUF)."""
-    cdef int size = 0, queued = 0
+    cdef int size = 0, queued
     cdef socklen_t length = sizeof(size)
-    if getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &length) != 0 or ioctl(fd, SIOCOUTQ, &queued) != 0:
+    if getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &length) != 0:
         return 0
+    queued = socket_queued(fd)
     size -= size >> 3
     return size - queued if size > queued else 0
 

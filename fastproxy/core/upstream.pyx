@@ -1,11 +1,6 @@
 # Upstream side: a pool of kept-alive connections per upstream (per worker) and the
 # protocol that parses an upstream's response and relays it to the client.
 
-from posix.ioctl cimport ioctl
-
-cdef extern from "<sys/ioctl.h>":
-    enum: TIOCOUTQ  # bytes in a TCP socket's send queue, not yet acknowledged by the peer
-
 cdef enum:
     UP_CONNECTING = 1
     UP_BUSY = 2
@@ -729,11 +724,9 @@ cdef class UpstreamConnection:
         """Request bytes the upstream has not acknowledged: in our write buffer and in the
         kernel's send queue (which hides megabytes of progress on a fast link). Only
         looked at while writing is paused, so the system call is rare."""
-        cdef int queued = 0
         sock = self.transport.get_extra_info("socket")
-        if sock is None or ioctl(sock.fileno(), TIOCOUTQ, &queued) != 0:
-            queued = 0
-        return self.transport.get_write_buffer_size() + queued
+        return self.transport.get_write_buffer_size() + (
+            socket_queued(sock.fileno()) if sock is not None else 0)
 
     cdef void close(self) except *:
         if self.state == UP_IDLE:
