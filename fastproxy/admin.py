@@ -5,6 +5,11 @@ takes a connection reads the shared region, which holds every worker's counters,
 gives the same answer. This is plain Python on purpose: it runs once per scrape, never per
 proxied request.
 
+The admin side shares its worker's event loop with public traffic, so it is bounded the way the
+public side is: pipelined requests are answered one per loop turn, at most MAX_WAITING parsed
+requests wait for their answer before reading stops, no answer is rendered while the client is
+not reading the previous ones, and a request head may not exceed MAX_HEAD_SIZE.
+
 Worker call sequence::
 
     admin = await start_admin(loop, admin_sock, region)   # at worker start
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from http import HTTPStatus
 from typing import Optional, Set
 
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 60.0  # seconds a connection may wait for its next complete request
 MAX_URL_SIZE = 8192
+MAX_HEAD_SIZE = 16384  # request line and headers; a scrape needs a few hundred bytes
+MAX_WAITING = 4  # parsed requests waiting for their answer; reading pauses at this many
 _ALLOWED = (b"GET", b"HEAD")
 
 
@@ -60,7 +68,7 @@ class AdminServer:
         if self.server is not None:
             self.server.close()
         for connection in list(self.connections):
-            if not connection.in_request:
+            if not connection.busy:
                 connection.close()
 
     def answer(self, method: bytes, url: bytes) -> tuple:
@@ -86,8 +94,22 @@ class _AdminProtocol(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = bytearray()
+        self.unparsed = bytearray()  # received but not yet fed to the parser
+        self.waiting: deque = deque()  # (method, url, keep_alive) of parsed requests, in order
         self.in_request = False
+        self.in_head = False
+        self.head_bytes = 0
+        self.stopped = False  # nothing more is parsed: an upgrade or a refused request
+        self.refusal = 0  # error status answered after the waiting requests, then close
+        self.reading = True
+        self.write_paused = False
+        self.answer_handle: Optional[asyncio.Handle] = None
         self.idle_timer: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def busy(self) -> bool:
+        """A request is being read or answered."""
+        return self.in_request or bool(self.waiting) or self.answer_handle is not None
 
     # --- asyncio callbacks ---
 
@@ -98,30 +120,30 @@ class _AdminProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.admin.connections.discard(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        self.waiting.clear()
+        for handle in (self.idle_timer, self.answer_handle):
+            if handle is not None:
+                handle.cancel()
 
     def data_received(self, data):
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.close()  # the request was answered; what follows is a protocol we do not speak
-        except httptools.HttpParserCallbackError:
-            self._reply_and_close(414)  # on_url is the only callback that raises
-        except httptools.HttpParserError:
-            self._reply_and_close(400)
+        if not self.stopped:
+            self.unparsed += data
+            self._parse()
 
     def pause_writing(self):
-        # Pipelined scrapes faster than the client reads: stop reading until it catches up.
-        self.transport.pause_reading()
+        # The client reads slower than we answer: render nothing more until it catches up
+        # (the queue then fills and reading stops too).
+        self.write_paused = True
 
     def resume_writing(self):
-        self.transport.resume_reading()
+        self.write_paused = False
+        self._schedule_answer()
 
     # --- httptools callbacks ---
 
     def on_message_begin(self):
-        self.in_request = True
+        self.in_request = self.in_head = True
+        self.head_bytes = 0
         self.url.clear()
 
     def on_url(self, url: bytes):
@@ -129,23 +151,89 @@ class _AdminProtocol(asyncio.Protocol):
         if len(self.url) > MAX_URL_SIZE:
             raise ValueError("request target too long")  # feed_data raises HttpParserCallbackError
 
+    def on_headers_complete(self):
+        self.in_head = False
+
     def on_message_complete(self):
         self.in_request = False
+        self.waiting.append((self.parser.get_method(), bytes(self.url),
+                             self.parser.should_keep_alive()))
+
+    # --- reading: one request head per feed, only while few answers wait ---
+
+    def _parse(self):
+        """Feed the parser up to the end of the next request head at a time, so a packet of
+        pipelined requests is parsed only as fast as it is answered."""
+        while self.unparsed and len(self.waiting) < MAX_WAITING and not self.stopped:
+            end = self.unparsed.find(b"\r\n\r\n")
+            size = len(self.unparsed) if end < 0 else end + 4
+            piece = bytes(self.unparsed[:size])
+            del self.unparsed[:size]
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # the request was parsed; what follows is a protocol we do not speak
+                if self.waiting:
+                    method, url, _ = self.waiting.pop()
+                    self.waiting.append((method, url, False))
+                self._stop_parsing(0)
+            except httptools.HttpParserCallbackError:
+                self._stop_parsing(414)  # on_url is the only callback that raises
+            except httptools.HttpParserError:
+                self._stop_parsing(400)
+            else:
+                if self.in_head:
+                    self.head_bytes += size
+                    if self.head_bytes > MAX_HEAD_SIZE:
+                        self._stop_parsing(431)
+        # after a refusal, what follows is read and dropped: closing with unread bytes
+        # would reset the connection and could lose our answer
+        self._set_reading(self.stopped or len(self.waiting) < MAX_WAITING)
+        self._schedule_answer()
+
+    def _stop_parsing(self, status: int):
+        """Parse nothing more; answer the requests already waiting, then `status` (if any)
+        and close."""
+        self.stopped = True
+        self.refusal = status
+        self.unparsed.clear()
+
+    def _set_reading(self, reading: bool):
+        if reading != self.reading and not self.transport.is_closing():
+            self.reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    # --- answering: one request per loop turn, so public traffic runs in between ---
+
+    def _schedule_answer(self):
+        if self.answer_handle is None and not self.write_paused \
+                and (self.waiting or self.refusal):
+            self.answer_handle = self.loop.call_soon(self._answer_next)
+
+    def _answer_next(self):
+        self.answer_handle = None
         if self.transport.is_closing():
-            return  # pipelined requests after one we answered with Connection: close
-        method = self.parser.get_method()
-        keep_alive = self.parser.should_keep_alive() and not self.admin.closing
+            return
+        if not self.waiting:
+            self._reply_and_close(self.refusal)
+            return
+        method, url, keep_alive = self.waiting.popleft()
+        keep_alive = keep_alive and not self.admin.closing
         try:
-            status, content_type, body, extra = self.admin.answer(method, bytes(self.url))
+            status, content_type, body, extra = self.admin.answer(method, url)
         except Exception:
-            log.exception("admin request %r failed", bytes(self.url))
+            log.exception("admin request %r failed", url)
             status, content_type, body, extra = 500, "application/json", _error_body(500), b""
         self.transport.write(_response(status, content_type, body, keep_alive,
                                        method == b"HEAD", extra))
-        if keep_alive:
-            self._arm_idle_timer()
-        else:
+        if not keep_alive:
             self.close()
+            return
+        self._arm_idle_timer()
+        self._parse()
 
     # --- helpers ---
 

@@ -33,7 +33,9 @@ _M_MMAP_THRESHOLD = -3
 def _tune_malloc() -> None:
     """Keep relayed buffers (up to 256 KiB per read) on a heap that is reused: by default
     glibc returns that memory with brk() after every large free and takes it back on the
-    next read, paying page faults on every buffer (13 brk calls per 1 MiB response)."""
+    next read, paying page faults on every buffer (13 brk calls per 1 MiB response).
+    The memory of a burst of connections is given back by the sweep instead
+    (WorkerCore.return_memory), once the burst is over."""
     libc = ctypes.CDLL(None)
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, 8 << 20)

@@ -2,6 +2,17 @@
 # router, the upstream pools, the metrics writer, the access log and the periodic tick
 # that enforces every timeout (one sweep instead of a timer per connection).
 
+from gc import collect as gc_collect
+
+cdef extern from "<malloc.h>" nogil:
+    int malloc_trim(size_t pad)
+
+# Giving memory back after a burst of connections (docs/architecture.md): the sweep trims
+# the heap once the open connections have fallen by at least TRIM_MIN_DROP from their peak
+# and to at most half of it, and have stopped falling; not again within TRIM_MIN_INTERVAL.
+cdef Py_ssize_t TRIM_MIN_DROP = 1000
+cdef double TRIM_MIN_INTERVAL = 10.0
+
 
 cdef class WorkerCore:
     cdef object loop
@@ -34,6 +45,10 @@ cdef class WorkerCore:
     cdef double next_log_flush
     cdef double log_flush_interval
     cdef object tick_handle
+    cdef Py_ssize_t clients_peak  # most clients open at once since the last trim
+    cdef Py_ssize_t clients_before  # clients open at the previous sweep
+    cdef double next_trim         # monotonic time before which the heap is not trimmed
+    cdef Py_ssize_t trims
 
     def __init__(self, loop, runtime, route_ids, upstream_ids, metrics_buffer, int counter_slot,
                  on_drained, error_logger):
@@ -123,6 +138,7 @@ cdef class WorkerCore:
                 conn.timed_out()
         for pool in self.pools_by_name.values():
             pool.expire_idle(now, now - self.tick_interval)
+        self.return_memory(now)
         if self.access_log is not None and now >= self.next_log_flush:
             self.access_log.tick()
             self.access_log.flush()
@@ -133,6 +149,28 @@ cdef class WorkerCore:
             self.finish_drain()
             return
         self.tick_handle = self.loop.call_later(self.tick_interval, self.tick)
+
+    cdef void return_memory(self, double now) except *:
+        """Give memory back when a burst of connections has gone. _tune_malloc makes glibc
+        keep freed memory for reuse (relay buffers) instead of returning it, so without this
+        a worker keeps the memory of its largest burst for good. Runs from the sweep only,
+        and does its work at most once per burst."""
+        cdef Py_ssize_t open_now = len(self.clients)
+        cdef bint falling = open_now < self.clients_before
+        self.clients_before = open_now
+        if open_now > self.clients_peak:
+            self.clients_peak = open_now
+        elif self.clients_peak - open_now >= TRIM_MIN_DROP and open_now * 2 <= self.clients_peak \
+                and not falling and now >= self.next_trim:
+            gc_collect()  # a full collection also empties the interpreter's free lists
+            malloc_trim(0)
+            self.trims += 1
+            if self.error_logger is not None:
+                self.error_logger.debug(
+                    "heap trimmed (trim %d) in %.1f ms: open connections fell from %d to %d",
+                    self.trims, (monotonic() - now) * 1000, self.clients_peak, open_now)
+            self.clients_peak = open_now
+            self.next_trim = now + TRIM_MIN_INTERVAL
 
     def drain(self, double timeout):
         """Stop taking new work (the caller has closed the listeners); finish what is in
