@@ -15,7 +15,6 @@ import socket
 import time
 from typing import Callable, Dict, List
 
-import httptools
 import pytest
 
 from harness import corpus
@@ -140,19 +139,6 @@ class Finding(AssertionError):
     pass
 
 
-# Bugs this fuzzer found in code owned elsewhere are listed as name: (predicate, reason).
-# The cases a predicate holds for run as that bug's strict xfail group, the rest must pass,
-# so a fix shows up as an XPASS that asks for its entry to be removed.
-def bug_groups(known: Dict[str, tuple]) -> list:
-    return [pytest.param("", id="clean")] + [
-        pytest.param(name, id=name, marks=pytest.mark.xfail(strict=True, reason=reason))
-        for name, (_, reason) in known.items()]
-
-
-def known_bug(known: Dict[str, tuple], subject) -> str:
-    return next((name for name, (applies, _) in known.items() if applies(subject)), "")
-
-
 def read_answers(client: RawClient, method: str, truncated_ok: bool) -> list:
     """Every response until the proxy closes. A close (or reset) between responses is fine;
     inside a body only when truncated_ok (how the proxy signals an upstream that failed
@@ -242,24 +228,6 @@ def test_fuzz_requests(proxy):
     run_cases(proxy, SEED, cases, run)
 
 
-def declined_upgrade_then_blank_lines(data: bytes) -> bool:
-    head, sep, rest = data.partition(b"\r\n\r\n")
-    lower = head.lower()
-    return bool(sep and rest) and b"upgrade" in lower and b"websocket" in lower \
-        and not rest.strip(b"\r\n")
-
-
-KNOWN_LEFT_OPEN_BUGS = {
-    "blank-line-after-declined-upgrade": (
-        declined_upgrade_then_blank_lines,
-        "found by this fuzzer, fixed separately: after a websocket upgrade the upstream declines, "
-        "held bytes that start no request (a blank line) are fed to the parser and "
-        "ClientConnection.exchange_done returns without arming the keep-alive timer, so the "
-        "connection is never closed; reproducer (upstream answers 200): b'GET /echo HTTP/1.1\\r\\n"
-        "Host: a\\r\\nConnection: upgrade\\r\\nUpgrade: websocket\\r\\n\\r\\n\\r\\n'"),
-}
-
-
 @functools.lru_cache(maxsize=None)
 def left_open_cases() -> List[bytes]:
     rng = random.Random(SEED + 2)
@@ -267,10 +235,9 @@ def left_open_cases() -> List[bytes]:
     return [mutate(rng.choice(seeds), rng) for _ in range(LEFT_OPEN_CASES)]
 
 
-@pytest.mark.parametrize("bug", bug_groups(KNOWN_LEFT_OPEN_BUGS))
-def test_fuzz_requests_left_open(proxy, bug):
+def test_fuzz_requests_left_open(proxy):
     """The client neither closes nor sends more: the proxy's own timeouts must end each case."""
-    cases = [data for data in left_open_cases() if known_bug(KNOWN_LEFT_OPEN_BUGS, data) == bug]
+    cases = left_open_cases()
     workers = proxy.worker_pids()
     for start in range(0, len(cases), LEFT_OPEN_BATCH):
         batch = cases[start:start + LEFT_OPEN_BATCH]
@@ -312,56 +279,6 @@ RESPONSE_SEEDS = [
 ]
 
 
-class Reference:
-    """What a strict parse of a response says about it, fed byte by byte: whether a final
-    response ends before the last byte, and whether empty lines precede a status line."""
-
-    def __init__(self, data: bytes, head: bool):
-        self.head = head  # the request was HEAD: the final response ends with its head
-        self.bytes_after = self.blank_before = False
-        self.at = self.message_end = 0
-        self.done = False
-        self.parser = httptools.HttpResponseParser(self)
-        for at in range(len(data)):
-            self.at = at  # where the callbacks are
-            try:
-                self.parser.feed_data(data[at:at + 1])
-            except httptools.HttpParserError:
-                return
-            if self.done:
-                self.bytes_after = at < len(data) - 1
-                return
-
-    def on_message_begin(self):
-        if self.at > self.message_end:
-            self.blank_before = True
-
-    def on_headers_complete(self):
-        if self.head and self.parser.get_status_code() >= 200:
-            self.done = True
-
-    def on_message_complete(self):
-        self.message_end = self.at + 1
-        if self.parser.get_status_code() >= 200:
-            self.done = True
-
-
-KNOWN_RESPONSE_BUGS = {
-    "bytes-after-response": (
-        lambda ref: ref.bytes_after,
-        "known bug, fixed separately: the worker dies (SIGSEGV) when an upstream sends bytes "
-        "after a complete response; reproducer, as the upstream's answer to a GET: "
-        "b'HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\nHTTP/1.1 200 OK\\r\\n\\r\\n'"),
-    "blank-line-before-status": (
-        lambda ref: ref.blank_before,
-        "found by this fuzzer, fixed separately: an empty line before the upstream's status line "
-        "(which llhttp skips) makes UpstreamConnection.on_headers_complete take the status line "
-        "for a header line and relay it; reproducer, as the upstream's answer to a GET: "
-        "b'\\r\\nHTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok' reaches the client as "
-        "b'HTTP/1.1 200 OK\\r\\nHTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n...'"),
-}
-
-
 @functools.lru_cache(maxsize=None)
 def response_cases() -> List[tuple]:
     """(label, response bytes, pieces); "HEAD" labels are answers to a HEAD request."""
@@ -380,10 +297,8 @@ def send_fuzzed_response(conn, req) -> None:
     send_pieces(conn.sock, response_cases()[int(req.query["case"])][2])
 
 
-@pytest.mark.parametrize("bug", bug_groups(KNOWN_RESPONSE_BUGS))
-def test_fuzz_responses(proxy, bug):
-    cases = {n: (label, data, pieces) for n, (label, data, pieces) in enumerate(response_cases())
-             if known_bug(KNOWN_RESPONSE_BUGS, Reference(data, label.startswith("HEAD"))) == bug}
+def test_fuzz_responses(proxy):
+    cases = dict(enumerate(response_cases()))
 
     def run(n, data, pieces):
         method = "HEAD" if cases[n][0].startswith("HEAD") else "GET"

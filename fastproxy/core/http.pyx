@@ -15,7 +15,7 @@ cdef enum:
 cdef enum:
     # why reading from the client is paused (a bit each; reading resumes at zero)
     PAUSE_UPSTREAM_FULL = 1   # the upstream's write buffer is full (upload backpressure)
-    PAUSE_PIPELINE = 2        # a complete request waits behind the current one
+    PAUSE_PIPELINE = 2        # a complete request waits behind the current one (or its upgrade)
     PAUSE_BUFFERED = 4        # body buffered while the upstream connection is being made
 
 cdef enum:
@@ -795,12 +795,12 @@ cdef class ClientConnection:
             self.close()
             return
         if self.upgraded:
-            # the upstream declined the upgrade: the held bytes are plain HTTP after all
+            # the upstream declined the upgrade: the bytes held after the request are plain
+            # HTTP after all, parsed below once this exchange is done with
             self.upgraded = False
-            pending, self.tunnel_pending = self.tunnel_pending, None
-            if pending:
-                self.receive(b"".join(pending))
-                return
+            if self.tunnel_pending:
+                self.held = b"".join(self.tunnel_pending)
+            self.tunnel_pending = None
         if self.queue:
             self.current = <Exchange>self.queue.popleft()
         if not self.queue:
@@ -862,8 +862,11 @@ cdef class ClientConnection:
         and the connection closed, so nothing can tunnel past the proxy's rules."""
         cdef Exchange ex = self.queue[len(self.queue) - 1] if self.queue else self.current
         if ex is not None and ex.upgrading and not ex.local_status:
-            self.upgraded = True  # hold what follows until the upstream accepts or declines
+            # hold what follows until the upstream accepts or declines (and read no more
+            # meanwhile: a client has no reason to send before the 101)
+            self.upgraded = True
             self.tunnel_pending = [rest] if rest else []
+            self.pause_reading(PAUSE_PIPELINE)
         elif rest:
             self.receive(rest)  # httptools has resumed: what follows is plain HTTP again
 
@@ -872,6 +875,7 @@ cdef class ClientConnection:
         cdef list pending = self.tunnel_pending
         self.tunnel = conn
         self.tunnel_pending = None
+        self.resume_reading(PAUSE_PIPELINE)
         self.set_timer(TIMER_NONE, 0)
         ex.response_done = True
         self.record(ex)
