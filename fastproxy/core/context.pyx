@@ -175,8 +175,7 @@ cdef class WorkerCore:
             self.error_logger.error(
                 'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
                 upstream, address, reason, ex.client.addr.decode(),
-                (ex.method or b"-").decode("latin-1"), (ex.url or b"-").decode("latin-1"),
-                (ex.request_id or b"-").decode("latin-1"))
+                log_text(ex.method), log_text(ex.url), log_text(ex.request_id))
 
     cdef void report_error(self, exc) except *:
         if self.error_logger is not None:
