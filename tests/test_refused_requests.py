@@ -1,17 +1,43 @@
 """Refused requests in the logs.
 
-Values the client chooses are cut at 2 KiB in the access and error logs, with a marker.
+Each refusal (400/408/413/414/417/431) leaves one info line in the error log, at
+most 10 a second per worker; the access log shows the method and version the client
+sent; values the client chooses are cut at 2 KiB in both logs, with a marker.
 """
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 
-from harness.client import fetch
+from harness.client import RawClient, build_request, fetch
 from harness.proxy import upstream, wait_until
 
+LIMITS = {"max_header_size": "4k", "max_uri_size": "2k", "max_body_size": "1k",
+          "client_header_timeout": "1s", "client_body_timeout": "1s"}
 CUT = "\u2026"  # the marker of a value cut in the logs
+
+
+@pytest.fixture(scope="module")
+def proxy(module_proxy_factory, module_origin):
+    return module_proxy_factory({
+        "main": {"workers": 1, **LIMITS},
+        "access_log": {"flush": "100ms"},
+        "upstreams": {"origin": upstream(module_origin)},
+        "routes": [{"name": "all", "path_prefix": "/", "upstream": "origin"}],
+    })
+
+
+def refused(proxy, raw: bytes, status: int) -> str:
+    """Send raw, expect `status` and a close; returns the response's request id."""
+    with RawClient(proxy.port, timeout=10) as c:
+        c.send(raw, stop_on_answer=True)
+        r = c.read_response()
+        assert r.status == status, r
+        assert c.is_closed(5)
+    return r.header("x-request-id")
 
 
 def log_line(path, *needles: str) -> str:
@@ -19,6 +45,64 @@ def log_line(path, *needles: str) -> str:
         text = path.read_text() if path.exists() else ""
         return next((l for l in text.splitlines() if all(n in l for n in needles)), None)
     return wait_until(find, 10, message=f"a line with {needles} in {path.name}")
+
+
+CASES = {
+    "bad header": (b"GET /x HTTP/1.1\r\nHost: t\r\nBad\x01Name: v\r\n\r\n", 400, "invalid request: "),
+    "no host": (b"GET /x HTTP/1.1\r\n\r\n", 400, "HTTP/1.1 request without Host"),
+    "long target": (build_request("GET", "/x?" + "a" * 3000), 414, "request target longer than max_uri_size"),
+    "big head": (build_request("GET", "/x", [("X-Big", "b" * 5000)]), 431,
+                 "request head larger than max_header_size"),
+    "big body": (build_request("POST", "/x", [("Content-Length", "2000")]), 413,
+                 "body larger than max_body_size"),
+    "expect": (build_request("GET", "/x", [("Expect", "magic")]), 417, "Expect other than 100-continue"),
+    "head timeout": (b"GET /x HTTP/1.1\r\nHost: t\r\nX-Half: ", 408,
+                     "request head not complete within client_header_timeout"),
+    "body timeout": (build_request("POST", "/x", [("Content-Length", "100")]) + b"ten bytes!", 408,
+                     "request body stalled for client_body_timeout"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_request_leaves_an_info_line(proxy, case):
+    raw, status, reason = CASES[case]
+    request_id = refused(proxy, raw, status)
+    line = log_line(proxy.error_log, request_id)
+    assert re.search(r"\[info\] \d+#0: refused request with %d: " % status, line), line
+    assert reason in line and "client 127.0.0.1" in line, line
+
+
+def test_refusals_in_the_access_log_show_what_the_client_sent(proxy):
+    ids = {
+        '"GET /x HTTP/1.1" 400': refused(proxy, CASES["bad header"][0], 400),
+        '"GET /x HTTP/1.1" 431': refused(proxy, CASES["big head"][0], 431),
+        '"GET /x HTTP/1.1" 408': refused(proxy, CASES["head timeout"][0], 408),
+    }
+    for expected, request_id in ids.items():
+        assert expected in log_line(proxy.access_log, request_id)
+
+
+def test_a_request_timed_out_mid_body_is_logged_once(proxy):
+    request_id = refused(proxy, CASES["body timeout"][0], 408)
+    assert fetch(proxy.port, "GET", "/echo", [("X-Request-ID", "after-the-408")]).status == 200
+    log_line(proxy.access_log, "after-the-408")  # every line about the 408 is written by now
+    lines = [l for l in proxy.access_log.read_text().splitlines() if request_id in l]
+    assert len(lines) == 1, lines
+
+
+def test_refusal_lines_are_rate_limited(make_proxy, origin):
+    p = make_proxy({"upstreams": {"o": upstream(origin)}, "routes": [{"path_prefix": "/", "upstream": "o"}]})
+    burst = 60
+    for _ in range(burst):
+        refused(p, b"GET /x HTTP/1.1\r\n\r\n", 400)
+    time.sleep(1.1)  # a new second of the worker's rate window: the count of those left out is logged
+    refused(p, b"GET /x HTTP/1.1\r\n\r\n", 400)
+    unlogged = log_line(p.error_log, "more refused requests were not logged")
+    text = p.error_log.read_text()
+    logged = text.count("refused request with 400")
+    left_out = sum(int(n) for n in re.findall(r"(\d+) more refused requests were not logged", text))
+    assert 10 <= logged < burst and left_out > 0, (logged, left_out, unlogged)
+    assert logged + left_out == burst + 1
 
 
 @pytest.mark.parametrize("fmt", ["combined", "json"])

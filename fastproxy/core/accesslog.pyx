@@ -156,7 +156,12 @@ cdef class AccessLog:
             add_field(out, ex.method if ex.method is not None else b"-", LOG_COMBINED)
             out.add(b" ")
             add_field(out, ex.url if ex.url is not None else b"-", LOG_COMBINED)
-            out.add(b" HTTP/1.1\" " if ex.http11 else b" HTTP/1.0\" ")
+            if ex.protocol is not None:
+                out.add(b" ")
+                out.add(ex.protocol)
+                out.add(b'" ')
+            else:
+                out.add(b" HTTP/1.1\" " if ex.http11 else b" HTTP/1.0\" ")
             out.add_decimal(status)
             out.add(b" ")
             out.add_decimal(ex.bytes_out)
@@ -184,8 +189,13 @@ cdef class AccessLog:
             add_field(out, ex.method if ex.method is not None else b"-", LOG_JSON)
             out.add(b'","uri":"')
             add_field(out, ex.url if ex.url is not None else b"-", LOG_JSON)
-            out.add(b'","protocol":"HTTP/1.1","status":' if ex.http11
-                    else b'","protocol":"HTTP/1.0","status":')
+            if ex.protocol is not None:
+                out.add(b'","protocol":"')
+                out.add(ex.protocol)
+                out.add(b'","status":')
+            else:
+                out.add(b'","protocol":"HTTP/1.1","status":' if ex.http11
+                        else b'","protocol":"HTTP/1.0","status":')
             out.add_decimal(status)
             out.add(b',"bytes_sent":')
             out.add_decimal(ex.bytes_out)

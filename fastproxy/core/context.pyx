@@ -2,6 +2,20 @@
 # router, the upstream pools, the metrics writer, the access log and the periodic tick
 # that enforces every timeout (one sweep instead of a timer per connection).
 
+import logging
+
+# Refused requests are logged at info, at most this many a second per worker: a flood of
+# bad requests must not become a flood of log lines (the rest are counted, see log_refused).
+cdef int REFUSALS_LOGGED_PER_SECOND = 10
+
+# Why a request was refused, when the code refusing it gave no more precise reason.
+REFUSAL_REASONS = {
+    400: "bad request",
+    413: "body larger than max_body_size",
+    414: "request target longer than max_uri_size",
+    431: "request head larger than max_header_size",
+}
+
 
 cdef class WorkerCore:
     cdef object loop
@@ -27,6 +41,8 @@ cdef class WorkerCore:
     cdef bytes date_line
     cdef bint pass_server_header
     cdef double tick_interval
+    cdef double refusals_window_end
+    cdef int refusals_logged, refusals_unlogged
     cdef double next_log_flush
     cdef double log_flush_interval
     cdef object tick_handle
@@ -176,6 +192,34 @@ cdef class WorkerCore:
                 'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
                 upstream, address, reason, ex.client.addr.decode(),
                 log_text(ex.method), log_text(ex.url), log_text(ex.request_id))
+
+    cdef void log_refused(self, Exchange ex, str reason) except *:
+        """An info line for a request refused with a 4xx. At most
+        REFUSALS_LOGGED_PER_SECOND lines a second: the count of those left out is logged
+        with the first line of the next second that has one."""
+        cdef int status = ex.local_status
+        logger = self.error_logger
+        if logger is None or not logger.isEnabledFor(logging.INFO):
+            return
+        if self.now >= self.refusals_window_end:
+            if self.refusals_unlogged:
+                logger.info("%d more refused requests were not logged (at most %d a second are)",
+                            self.refusals_unlogged, REFUSALS_LOGGED_PER_SECOND)
+            self.refusals_window_end = self.now + 1.0
+            self.refusals_logged = self.refusals_unlogged = 0
+        if self.refusals_logged >= REFUSALS_LOGGED_PER_SECOND:
+            self.refusals_unlogged += 1
+            return
+        self.refusals_logged += 1
+        if reason is None:
+            if status == 408:
+                reason = ("request body stalled for client_body_timeout" if ex.head_done
+                          else "request head not complete within client_header_timeout")
+            else:
+                reason = REFUSAL_REASONS.get(status, "refused")
+        logger.info('refused request with %d: %s; client %s, request "%s %s %s", request id %s',
+                    status, reason, ex.client.addr.decode(), log_text(ex.method), log_text(ex.url),
+                    ex.log_protocol(), log_text(ex.request_id))
 
     cdef void report_error(self, exc) except *:
         if self.error_logger is not None:

@@ -49,6 +49,7 @@ cdef class Exchange:
     cdef CompiledRoute route
     cdef UpstreamConnection upstream
     cdef bytes method, url, path, host, request_id, xff, referer, user_agent, upstream_addr
+    cdef bytes protocol         # for the logs, when neither HTTP/1.0 nor HTTP/1.1: "HTTP/2.0", "-"
     cdef list fwd_headers       # name, value, name, value, ... in arrival order
     cdef frozenset conn_drop    # header names the Connection header lists
     cdef list up_out            # upstream-bound bytes not yet written
@@ -126,7 +127,8 @@ cdef class Exchange:
         cdef bytes host
         cdef Py_ssize_t q
         self.head_done = True
-        self.method = client.get_method()
+        if self.method is None:
+            self.method = client.get_method()
         self.keep_alive = client.should_keep_alive()
         if not self.has_connection:
             # without a Connection header only HTTP/1.1 keeps the connection alive: the
@@ -144,11 +146,14 @@ cdef class Exchange:
             self.content_length = -1
         elif not self.has_length:
             self.content_length = 0
-        if self.local_status:  # 417 from an Expect we do not know
-            self.close_after = True
+        if self.local_status == 417:  # from an Expect we do not know
+            self.fail(417, "Expect other than 100-continue")
             return
-        if (self.http11 and self.host_count != 1) or self.host_count > 1:
-            self.fail(400)
+        if self.http11 and self.host_count == 0:
+            self.fail(400, "HTTP/1.1 request without Host")
+            return
+        if self.host_count > 1:
+            self.fail(400, "more than one Host header")
             return
         if self.method == b"CONNECT":
             self.local_status = 405
@@ -158,13 +163,13 @@ cdef class Exchange:
         if self.host is None:
             self.host = b""
         elif not valid_host(self.host):
-            self.fail(400)
+            self.fail(400, "invalid Host")
             return
         q = find_byte(self.url, b'?', 0)
         self.path = self.url if q < 0 else self.url[:q]
         if not self.path.startswith(b"/"):
             if not self.absolute_form():
-                self.fail(400)
+                self.fail(400, "request target neither a path nor http://host/path")
                 return
         if has_dot_segment(self.path):
             self.fail(400)
@@ -190,7 +195,8 @@ cdef class Exchange:
             self.local_status = self.route.respond_status
             return
         if self.conn_upgrade and not self.upgrade_websocket and self.content_length != 0:
-            self.fail(400)  # llhttp has skipped the body of an upgrade request: refuse it
+            # llhttp has skipped the body of an upgrade request: refuse it
+            self.fail(400, "upgrade request with a body")
             return
         self.upstream_head = self.build_upstream_head(core)
 
@@ -390,11 +396,17 @@ cdef class Exchange:
         client.write(out.take())
         self.response_complete()
 
-    cdef void fail(self, int status) except *:
-        """A client error found while reading the request: answer and close."""
+    cdef void fail(self, int status, str reason=None) except *:
+        """A client error found while reading the request: answer and close. `reason`
+        goes to the error log (a default by status when None)."""
         self.local_status = status
         self.close_after = True
-        self.client.refuse(self)
+        self.client.refuse(self, reason)
+
+    cdef str log_protocol(self):
+        if self.protocol is not None:
+            return self.protocol.decode()
+        return "HTTP/1.1" if self.http11 else "HTTP/1.0"
 
     cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
                             Py_ssize_t first, Py_ssize_t end) except *:
@@ -605,8 +617,13 @@ cdef class ClientConnection:
 
     def on_url(self, bytes url):
         cdef Exchange ex = self.parsing
-        ex.url = url if ex.url is None else ex.url + url
+        if ex.url is None:
+            ex.url = url
+            ex.method = self.get_method()
+        else:
+            ex.url = ex.url + url
         if len(ex.url) > self.core.max_uri_size:
+            ex.protocol = b"-"  # not read yet
             ex.fail(414)
             raise STOP_REQUEST
 
@@ -736,6 +753,7 @@ cdef class ClientConnection:
         self.record(ex)
         self.flush()
         if ex.upstream is not None:  # answered before the upstream did (413, early error)
+            ex.upstream.exchange = None  # else its connection_lost completes `ex` a second time
             ex.upstream.close()
             ex.upstream = None
         self.requests += 1
@@ -764,12 +782,23 @@ cdef class ClientConnection:
         else:
             self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
 
-    cdef void refuse(self, Exchange ex) except *:
+    cdef void refuse(self, Exchange ex, str reason) except *:
         """A request we will not read further: the parser's state can no longer be trusted,
         so nothing after it is read and the connection closes after the answer."""
+        cdef str version
         self.parse_failed = True
         if ex.request_id is None:
             ex.request_id = self.core.ids.next()
+        if ex.url is None:
+            ex.protocol = b"-"  # nothing of its request line was read
+        elif not ex.head_done and self.parser is not None and ex.protocol is None:
+            # refused while its head was read: log the version the parser has seen, if any
+            version = self.parser.get_http_version()
+            ex.http11 = version == "1.1"
+            if not ex.http11 and version != "1.0":
+                ex.protocol = b"-" if version == "0.0" else ("HTTP/" + version).encode()
+        if ex.local_status != 500:  # a bug: report_error has logged it
+            self.core.log_refused(ex, reason)
         if ex.response_started:
             self.abort()
         elif ex is self.current:
@@ -787,7 +816,7 @@ cdef class ClientConnection:
             self.core.report_error(exc.__context__)
             ex.fail(500)
         else:
-            ex.fail(400)
+            ex.fail(400, "invalid request: %s" % exc)
 
     cdef void upgrade_requested(self, bytes rest) except *:
         """httptools stopped after a request with Connection: upgrade. Only websocket
