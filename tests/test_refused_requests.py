@@ -125,3 +125,12 @@ def test_long_values_are_cut_in_both_logs(make_proxy, origin, fmt):
     assert fetch(p.port, "GET", "/reset?" + "r" * 10000, [("X-Request-ID", "long-two")]).status == 502
     line = log_line(p.error_log, "long-two")
     assert f'"GET /reset?{"r" * 2041}{CUT}"' in line, line[:300]
+
+
+def test_max_header_size_counts_the_request_line(proxy):
+    """max_header_size (4k here) covers the request line too, as docs/config.md says."""
+    headers = [("X-Fill", "f" * 2500)]
+    target = "/echo?" + "u" * 1800  # within max_uri_size (2k)
+    assert fetch(proxy.port, "GET", "/echo", headers).status == 200
+    assert fetch(proxy.port, "GET", target).status == 200
+    refused(proxy, build_request("GET", target, headers), 431)

@@ -620,11 +620,18 @@ cdef class ClientConnection:
         if ex.url is None:
             ex.url = url
             ex.method = self.get_method()
+            # the request line counts toward max_header_size: method SP target SP HTTP/x.y CRLF
+            ex.head_size = PyBytes_GET_SIZE(ex.method) + 12
         else:
             ex.url = ex.url + url
+        ex.head_size += PyBytes_GET_SIZE(url)
         if len(ex.url) > self.core.max_uri_size:
             ex.protocol = b"-"  # not read yet
             ex.fail(414)
+            raise STOP_REQUEST
+        if ex.head_size > self.core.max_header_size:
+            ex.protocol = b"-"
+            ex.fail(431)
             raise STOP_REQUEST
 
     def on_header(self, bytes name, bytes value):
@@ -637,7 +644,7 @@ cdef class ClientConnection:
 
     def on_headers_complete(self):
         cdef Exchange ex = self.parsing
-        ex.bytes_in = ex.head_size + len(ex.url if ex.url is not None else b"") + 16
+        ex.bytes_in = ex.head_size + 2  # the request line, the header lines and an empty line
         ex.head_complete()
         if self.parse_failed:
             raise STOP_REQUEST
