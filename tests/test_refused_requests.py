@@ -50,6 +50,7 @@ def log_line(path, *needles: str) -> str:
 CASES = {
     "bad header": (b"GET /x HTTP/1.1\r\nHost: t\r\nBad\x01Name: v\r\n\r\n", 400, "invalid request: "),
     "no host": (b"GET /x HTTP/1.1\r\n\r\n", 400, "HTTP/1.1 request without Host"),
+    "empty host": (b"GET /x HTTP/1.1\r\nHost: \r\n\r\n", 400, "empty Host"),
     "long target": (build_request("GET", "/x?" + "a" * 3000), 414, "request target longer than max_uri_size"),
     "big head": (build_request("GET", "/x", [("X-Big", "b" * 5000)]), 431,
                  "request head larger than max_header_size"),

@@ -97,6 +97,7 @@ cdef class WorkerCore:
         if hasattr(handler, "upstream"):
             cr.handler = HANDLER_PROXY
             cr.pool = self.pools_by_name[handler.upstream]
+            cr.upstream_host = upstream_host(cr.pool)
         else:
             cr.handler = HANDLER_RESPOND
             cr.respond_status = handler.status
@@ -225,3 +226,14 @@ cdef class WorkerCore:
         if self.error_logger is not None:
             self.error_logger.error("unexpected error while handling a request",
                                     exc_info=(type(exc), exc, exc.__traceback__))
+
+
+def upstream_host(UpstreamPool pool):
+    """Host sent upstream for a request that has none (HTTP/1.0), as nginx sends its
+    proxy_pass host: the server's "host:port", or for several servers the upstream's name
+    (the first server's address when the name is not a valid host)."""
+    addresses = pool.addr_bytes
+    name = pool.name.encode()
+    if len(addresses) == 1 or not valid_host(name):
+        return addresses[0]
+    return name

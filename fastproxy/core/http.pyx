@@ -160,10 +160,8 @@ cdef class Exchange:
             self.allow = b""
             self.close_after = True
             return
-        if self.host is None:
-            self.host = b""
-        elif not valid_host(self.host):
-            self.fail(400, "invalid Host")
+        if self.host is not None and not valid_host(self.host):
+            self.fail(400, "empty Host" if not self.host else "invalid Host")
             return
         q = find_byte(self.url, b'?', 0)
         self.path = self.url if q < 0 else self.url[:q]
@@ -174,7 +172,9 @@ cdef class Exchange:
         if has_dot_segment(self.path):
             self.fail(400)
             return
-        host = normalize_host(self.host) if core.router.uses_hosts else self.host
+        host = self.host if self.host is not None else b""  # HTTP/1.0 may send none
+        if core.router.uses_hosts:
+            host = normalize_host(host)
         self.route = core.router.match(host, self.path, self.method, None)
         if self.route is None:
             allowed = []
@@ -201,7 +201,8 @@ cdef class Exchange:
         self.upstream_head = self.build_upstream_head(core)
 
     cdef bint absolute_form(self) except *:
-        """http://host/path targets (RFC 9112 3.2.2): route on their path and authority."""
+        """http://host/path targets (RFC 9112 3.2.2): route on their path and authority,
+        which replaces the Host header and must pass the same checks."""
         cdef bytes lower = self.path[:8].lower()
         cdef Py_ssize_t start, slash
         if lower.startswith(b"http://"):
@@ -212,7 +213,7 @@ cdef class Exchange:
             return False
         slash = find_byte(self.url, b'/', start)
         authority = self.url[start:] if slash < 0 else self.url[start:slash]
-        if not authority:
+        if not valid_host(authority):  # empty, or user:password@host, ...
             return False
         self.host = authority
         self.url = b"/" if slash < 0 else self.url[slash:]
@@ -231,7 +232,7 @@ cdef class Exchange:
         out.add(b" ")
         out.add(self.url)
         out.add(b" HTTP/1.1\r\nHost: ")
-        out.add(self.host)
+        out.add(self.host if self.host is not None else self.route.upstream_host)
         out.add(CRLF)
         for i in range(0, len(headers), 2):
             name = <bytes>headers[i]
@@ -246,9 +247,12 @@ cdef class Exchange:
             out.add(self.xff)
             out.add(b", ")
         out.add(self.client.addr)
-        out.add(b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
-        out.add(self.host)
-        out.add(b"\r\nX-Request-ID: ")
+        out.add(b"\r\nX-Forwarded-Proto: http\r\n")
+        if self.host is not None:  # else the client sent none to pass on
+            out.add(b"X-Forwarded-Host: ")
+            out.add(self.host)
+            out.add(CRLF)
+        out.add(b"X-Request-ID: ")
         out.add(self.request_id)
         out.add(CRLF)
         if self.upgrading:
