@@ -1,10 +1,12 @@
 """Request-side protocol edges where llhttp is lenient or the Host checks had gaps.
 
 The authority of an absolute-form target and empty Host values get the Host checks; an
-HTTP/1.0 request without Host reaches the upstream with the upstream's own.
+HTTP/1.0 request without Host reaches the upstream with the upstream's own; versions
+other than 1.0 and 1.1 are answered 505 at once.
 """
 from __future__ import annotations
 
+import random
 import uuid
 
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from harness.client import RawClient, build_request
 from harness.origin import Origin
 from harness.proxy import upstream
+
+MODES = ("whole", "bytewise", "random")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,7 @@ def origin_b():
 @pytest.fixture(scope="module")
 def proxy(module_proxy_factory, module_origin, origin_b):
     return module_proxy_factory({
-        "main": {"workers": 1},
+        "main": {"workers": 1},  # client_header_timeout stays 60s: nothing here may wait for it
         "upstreams": {"origin": upstream(module_origin), "pair": upstream(module_origin, origin_b)},
         "routes": [
             {"name": "all", "path_prefix": "/", "upstream": "origin"},
@@ -47,7 +51,7 @@ def assert_open(c: RawClient) -> None:
 
 def exchange(proxy, raw: bytes, mode: str = "whole"):
     with RawClient(proxy.port, timeout=10) as c:
-        c.send(raw, mode)
+        c.send(raw, mode, random.Random(raw))
         r = c.read_response()
         if r.status < 400:
             assert_open(c)
@@ -56,7 +60,7 @@ def exchange(proxy, raw: bytes, mode: str = "whole"):
 
 def assert_refused(proxy, raw: bytes, status: int, mode: str = "whole") -> None:
     with RawClient(proxy.port, timeout=10) as c:
-        c.send(raw, mode, stop_on_answer=True)
+        c.send(raw, mode, random.Random(raw), stop_on_answer=True)
         r = c.read_response()
         assert r.status == status, r
         assert r.json()["request_id"] == r.header("x-request-id"), r
@@ -114,3 +118,19 @@ def test_http10_without_host_to_several_servers_gets_the_upstream_name(proxy):
         assert {k.lower(): v for k, v in r.json()["headers"]}["host"] == "pair", r.json()
         origins.add(r.json()["origin"])
     assert origins == {"module-origin", "origin-b"}
+
+
+# -- versions ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("raw", [
+    b"GET /echo\r\n",                                   # HTTP/0.9 simple request: no blank line follows
+    b"GET /echo HTTP/0.9\r\nHost: test.local\r\n\r\n",  # 0.9 with headers
+    b"GET /echo HTTP/2.0\r\nHost: test.local\r\n\r\n",
+    b"GET /echo HTTP/2.0\r\n",                          # answered before the headers
+    b"GET /echo HTTP/3.0\r\nHost: test.local\r\n\r\n",
+], ids=["0.9-simple", "0.9-headers", "2.0", "2.0-line-only", "3.0"])
+def test_versions_other_than_1x_are_505_at_once(proxy, module_origin, raw, mode):
+    """The RawClient times out after 10s, long before the 60s client_header_timeout."""
+    before = len(module_origin.requests)
+    assert_refused(proxy, raw, 505, mode)
+    assert len(module_origin.requests) == before, "forwarded"

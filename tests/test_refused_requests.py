@@ -1,6 +1,6 @@
 """Refused requests in the logs.
 
-Each refusal (400/408/413/414/417/431) leaves one info line in the error log, at
+Each refusal (400/408/413/414/417/431/505) leaves one info line in the error log, at
 most 10 a second per worker; the access log shows the method and version the client
 sent; values the client chooses are cut at 2 KiB in both logs, with a marker.
 """
@@ -57,6 +57,7 @@ CASES = {
     "big body": (build_request("POST", "/x", [("Content-Length", "2000")]), 413,
                  "body larger than max_body_size"),
     "expect": (build_request("GET", "/x", [("Expect", "magic")]), 417, "Expect other than 100-continue"),
+    "HTTP/2.0": (b"GET /x HTTP/2.0\r\nHost: t\r\n\r\n", 505, "HTTP/2.0"),
     "head timeout": (b"GET /x HTTP/1.1\r\nHost: t\r\nX-Half: ", 408,
                      "request head not complete within client_header_timeout"),
     "body timeout": (build_request("POST", "/x", [("Content-Length", "100")]) + b"ten bytes!", 408,
@@ -77,6 +78,7 @@ def test_refusals_in_the_access_log_show_what_the_client_sent(proxy):
     ids = {
         '"GET /x HTTP/1.1" 400': refused(proxy, CASES["bad header"][0], 400),
         '"GET /x HTTP/1.1" 431': refused(proxy, CASES["big head"][0], 431),
+        '"GET /x HTTP/2.0" 505': refused(proxy, CASES["HTTP/2.0"][0], 505),
         '"GET /x HTTP/1.1" 408': refused(proxy, CASES["head timeout"][0], 408),
     }
     for expected, request_id in ids.items():

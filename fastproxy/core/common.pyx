@@ -331,7 +331,7 @@ ERROR_NAMES = {
     413: "content too large", 414: "uri too long", 417: "expectation failed",
     431: "request header fields too large", 500: "internal server error",
     501: "not implemented", 502: "bad gateway", 503: "service unavailable",
-    504: "gateway timeout",
+    504: "gateway timeout", 505: "http version not supported",
 }
 
 

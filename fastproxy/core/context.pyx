@@ -195,7 +195,7 @@ cdef class WorkerCore:
                 log_text(ex.method), log_text(ex.url), log_text(ex.request_id))
 
     cdef void log_refused(self, Exchange ex, str reason) except *:
-        """An info line for a request refused with a 4xx. At most
+        """An info line for a request refused with a 4xx or 505. At most
         REFUSALS_LOGGED_PER_SECOND lines a second: the count of those left out is logged
         with the first line of the next second that has one."""
         cdef int status = ex.local_status

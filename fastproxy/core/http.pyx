@@ -130,12 +130,6 @@ cdef class Exchange:
         if self.method is None:
             self.method = client.get_method()
         self.keep_alive = client.should_keep_alive()
-        if not self.has_connection:
-            # without a Connection header only HTTP/1.1 keeps the connection alive: the
-            # version follows without building get_http_version()'s string
-            self.http11 = self.keep_alive
-        else:
-            self.http11 = client.parser.get_http_version() == "1.1"
         self.is_head = self.method == b"HEAD"
         if self.request_id is None:
             self.request_id = core.ids.next()
@@ -146,6 +140,12 @@ cdef class Exchange:
             self.content_length = -1
         elif not self.has_length:
             self.content_length = 0
+        if not self.has_connection and self.keep_alive:
+            # without a Connection header only HTTP/1.1 keeps the connection alive: the
+            # version follows without building get_http_version()'s string
+            self.http11 = True
+        elif not self.supported_version(client.parser.get_http_version()):
+            return
         if self.local_status == 417:  # from an Expect we do not know
             self.fail(417, "Expect other than 100-continue")
             return
@@ -199,6 +199,18 @@ cdef class Exchange:
             self.fail(400, "upgrade request with a body")
             return
         self.upstream_head = self.build_upstream_head(core)
+
+    cdef bint supported_version(self, str version) except -1:
+        """HTTP/1.0 and HTTP/1.1 are served; anything else llhttp accepts (HTTP/0.9 with or
+        without a version in the request line, HTTP/2.0) is answered 505 at once."""
+        self.http11 = version == "1.1"
+        if self.http11 or version == "1.0":
+            return True
+        if version == "0.0":
+            version = "0.9"  # the request line ended without a version: HTTP/0.9
+        self.protocol = ("HTTP/" + version).encode()
+        self.fail(505, "version HTTP/%s not supported" % version)
+        return False
 
     cdef bint absolute_form(self) except *:
         """http://host/path targets (RFC 9112 3.2.2): route on their path and authority,
@@ -550,9 +562,7 @@ cdef class ClientConnection:
             self.parse_error(exc)
         ex = self.parsing
         if ex is not None and not ex.head_done and not self.parse_failed:
-            self.head_raw += len(data)
-            if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
-                ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
+            self.head_pending(ex, data)
         ex = self.current
         if ex is not None:
             ex.flush_upstream()
@@ -826,8 +836,23 @@ cdef class ClientConnection:
         if isinstance(exc, HttpParserCallbackError) and not isinstance(exc.__context__, _StopRequest):
             self.core.report_error(exc.__context__)
             ex.fail(500)
+        elif self.parser.get_http_version()[0] not in "01":
+            ex.supported_version(self.parser.get_http_version())  # HTTP/3.0 ...: 505
         else:
             ex.fail(400, "invalid request: %s" % exc)
+
+    cdef void head_pending(self, Exchange ex, bytes data) except *:
+        """A read ended inside the head of `ex`."""
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        self.head_raw += n
+        if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
+            ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
+            return
+        if p[n - 1] == b'\n':
+            # a line of the head is complete, so llhttp has read the version: answer now
+            # what it accepts and we do not serve (an HTTP/0.9 client would wait forever)
+            ex.supported_version(self.parser.get_http_version())
 
     cdef void upgrade_requested(self, bytes rest) except *:
         """httptools stopped after a request with Connection: upgrade. Only websocket
