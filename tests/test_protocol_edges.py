@@ -2,7 +2,7 @@
 
 The authority of an absolute-form target and empty Host values get the Host checks; an
 HTTP/1.0 request without Host reaches the upstream with the upstream's own; versions
-other than 1.0 and 1.1 are answered 505 at once.
+other than 1.0 and 1.1 are answered 505 at once; TRACE needs a route that names it.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def proxy(module_proxy_factory, module_origin, origin_b):
         "routes": [
             {"name": "all", "path_prefix": "/", "upstream": "origin"},
             {"name": "pair", "path_prefix": "/pair/", "upstream": "pair"},
+            {"name": "traceable", "path_prefix": "/trace/", "methods": ["GET", "TRACE"], "upstream": "origin"},
         ],
     })
 
@@ -134,3 +135,16 @@ def test_versions_other_than_1x_are_505_at_once(proxy, module_origin, raw, mode)
     before = len(module_origin.requests)
     assert_refused(proxy, raw, 505, mode)
     assert len(module_origin.requests) == before, "forwarded"
+
+
+# -- TRACE -------------------------------------------------------------------------------------
+def test_trace_needs_a_route_that_names_it(proxy, module_origin):
+    mark = marker()
+    with RawClient(proxy.port, timeout=10) as c:
+        r = c.request("TRACE", f"/echo?{mark}")
+        assert r.status == 405, r
+        assert "TRACE" not in r.header("allow") and "GET" in r.header("allow"), r
+        assert_open(c)
+    assert not module_origin.find_requests(lambda r: mark in r.target), "forwarded"
+    r = exchange(proxy, build_request("TRACE", f"/trace/echo?{mark}"))
+    assert r.status == 200 and r.json()["method"] == "TRACE", r

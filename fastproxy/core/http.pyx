@@ -34,6 +34,8 @@ cdef bytes CONNECTION_CLOSE = b"Connection: close\r\n"
 cdef bytes CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 cdef bytes CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+# Allow for TRACE on a route open to every method (TRACE needs a route that names it)
+cdef bytes ALLOW_WITHOUT_TRACE = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 class _StopRequest(Exception):
@@ -184,6 +186,12 @@ cdef class Exchange:
                 self.allow = b", ".join(sorted(set(allowed)))
             else:
                 self.local_status = 404
+            return
+        if not self.route.methods and self.method == b"TRACE":
+            # a request echoed back can leak credentials (cross-site tracing): TRACE is
+            # only passed on by a route whose `methods` names it
+            self.local_status = 405
+            self.allow = ALLOW_WITHOUT_TRACE
             return
         if self.head_size > self.route.max_header_size:
             self.fail(431)
