@@ -51,6 +51,7 @@ CASES = {
     "bad header": (b"GET /x HTTP/1.1\r\nHost: t\r\nBad\x01Name: v\r\n\r\n", 400, "invalid request: "),
     "no host": (b"GET /x HTTP/1.1\r\n\r\n", 400, "HTTP/1.1 request without Host"),
     "empty host": (b"GET /x HTTP/1.1\r\nHost: \r\n\r\n", 400, "empty Host"),
+    "stray CR": (b"\rGET /x HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bytes other than empty lines"),
     "long target": (build_request("GET", "/x?" + "a" * 3000), 414, "request target longer than max_uri_size"),
     "big head": (build_request("GET", "/x", [("X-Big", "b" * 5000)]), 431,
                  "request head larger than max_header_size"),
@@ -80,6 +81,7 @@ def test_refusals_in_the_access_log_show_what_the_client_sent(proxy):
         '"GET /x HTTP/1.1" 431': refused(proxy, CASES["big head"][0], 431),
         '"GET /x HTTP/2.0" 505': refused(proxy, CASES["HTTP/2.0"][0], 505),
         '"GET /x HTTP/1.1" 408': refused(proxy, CASES["head timeout"][0], 408),
+        '"- - -" 400': refused(proxy, CASES["stray CR"][0], 400),  # nothing of it was read
     }
     for expected, request_id in ids.items():
         assert expected in log_line(proxy.access_log, request_id)

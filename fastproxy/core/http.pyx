@@ -25,6 +25,30 @@ cdef enum:
     TIMER_BODY = 3      # request body stalled: 408
     TIMER_SEND = 4      # client not reading our response: close
 
+cdef enum:
+    # the bytes between two requests, where llhttp skips any CR and LF but only empty
+    # lines (CRLF) may come (RFC 9112 2.2); see ClientConnection.skip_gap
+    GAP_LINE = 0        # at a line start: CR, or the next request
+    GAP_CR = 1          # after a CR: LF
+    GAP_BAD = 2         # something else came: the next request is refused
+    GAP_UNKNOWN = 3     # where the last request ended was lost (a bug): lenient until the next read
+
+cdef enum:
+    # where ClientConnection.walk_chunks is in a chunked request body
+    CHUNK_SIZE = 0      # in a chunk-size line (size, extensions) up to its LF
+    CHUNK_DATA = 1      # in chunk data and the CRLF after it
+    CHUNK_TRAILER = 2   # in the trailer section, up to its empty line
+    CHUNK_LOST = 3      # where the body began was lost (see GAP_UNKNOWN)
+
+cdef enum:
+    ASCII_CR = 13
+    ASCII_LF = 10
+
+cdef enum:
+    # ClientConnection.msg_start when the request does not begin in the current read
+    AT_READ_START = -1  # it began in an earlier one and its bytes go on from offset 0
+    UNTRACKED = -2      # not in this read (or lost: see GAP_UNKNOWN)
+
 cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
 cdef Py_ssize_t COALESCE_LIMIT = 4096  # client writes up to this size are joined (see flush)
 
@@ -493,6 +517,13 @@ cdef class Exchange:
         self.client.exchange_done(self)
 
 
+cdef inline int crlfcrlf_step(int matched, char c) noexcept:
+    """One byte of a search for CRLFCRLF: how much of it ends the bytes seen so far."""
+    if c == (ASCII_CR if matched % 2 == 0 else ASCII_LF):
+        return matched + 1
+    return 1 if c == ASCII_CR else 0
+
+
 cdef inline bint fits(list pieces, Py_ssize_t limit):
     """The pieces add up to at most `limit` bytes (stops counting once over)."""
     cdef Py_ssize_t total = 0
@@ -521,6 +552,15 @@ cdef class ClientConnection:
     cdef int timer
     cdef double deadline
     cdef Py_ssize_t head_raw
+    # where requests begin and end in the read being parsed, to check the gap between
+    # them (skip_gap): offsets in `reading`, or AT_READ_START / UNTRACKED
+    cdef bytes reading
+    cdef Py_ssize_t msg_start, body_start, body_here, chunked_end
+    cdef int gap
+    cdef int head_crlf           # how much of CRLFCRLF ended the last read inside a head
+    cdef int chunk_phase         # walk_chunks' place in a chunked body, kept across reads
+    cdef Py_ssize_t chunk_size, chunk_left, trailer_line
+    cdef bint chunk_ext
     cdef bint closing, write_paused, parse_failed, upgraded
 
     def __init__(self, WorkerCore core):
@@ -562,12 +602,15 @@ cdef class ClientConnection:
             return
         if self.closing or self.parse_failed:
             return
+        if not self.begin_read(data):
+            return
         try:
             self.feed(data)
         except HttpParserUpgrade as exc:
             self.upgrade_requested(data[exc.args[0]:])
         except HttpParserError as exc:
             self.parse_error(exc)
+        self.reading = None
         ex = self.parsing
         if ex is not None and not ex.head_done and not self.parse_failed:
             self.head_pending(ex, data)
@@ -634,8 +677,12 @@ cdef class ClientConnection:
     def on_message_begin(self):
         self.parsing = self.begin_exchange()
         self.head_raw = 0
+        self.head_crlf = 0
         if self.parsing is self.current:
             self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
+        if self.gap == GAP_BAD:
+            self.parsing.fail(400, "bytes other than empty lines before the request line")
+            raise STOP_REQUEST
 
     def on_url(self, bytes url):
         cdef Exchange ex = self.parsing
@@ -667,6 +714,10 @@ cdef class ClientConnection:
     def on_headers_complete(self):
         cdef Exchange ex = self.parsing
         ex.bytes_in = ex.head_size + 2  # the request line, the header lines and an empty line
+        self.body_start = self.head_end()
+        self.body_here = 0
+        if ex.chunked_in:
+            self.chunked_end = self.start_chunks()
         ex.head_complete()
         if self.parse_failed:
             raise STOP_REQUEST
@@ -679,6 +730,7 @@ cdef class ClientConnection:
 
     def on_body(self, bytes body):
         cdef Exchange ex = self.parsing
+        self.body_here += PyBytes_GET_SIZE(body)
         ex.body(body)
         if self.timer == TIMER_BODY:
             self.deadline = self.core.now + self.core.client_body_timeout
@@ -694,6 +746,7 @@ cdef class ClientConnection:
                 ex.respond_local()
         else:
             self.pause_reading(PAUSE_PIPELINE)
+        self.request_ended(ex)
 
     # -- flow -------------------------------------------------------------------
 
@@ -852,15 +905,161 @@ cdef class ClientConnection:
     cdef void head_pending(self, Exchange ex, bytes data) except *:
         """A read ended inside the head of `ex`."""
         cdef const char *p = PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), i
         self.head_raw += n
         if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
             ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
             return
+        # how much of the head's final CRLFCRLF the bytes so far end with, for head_end:
+        # the last three bytes tell (a shorter read goes on from the previous count)
+        i = n - 3 if n > 3 else 0
+        if i > 0:
+            self.head_crlf = 0
+        for i in range(i, n):
+            self.head_crlf = crlfcrlf_step(self.head_crlf, p[i])
         if p[n - 1] == b'\n':
             # a line of the head is complete, so llhttp has read the version: answer now
             # what it accepts and we do not serve (an HTTP/0.9 client would wait forever)
             ex.supported_version(self.parser.get_http_version())
+
+    cdef bint begin_read(self, bytes data) except -1:
+        """Before `data` is parsed: note where requests are in it; between requests,
+        check the bytes before the next one (False: refused, nothing to parse)."""
+        cdef Exchange ex = self.parsing
+        self.reading = data
+        self.body_here = 0
+        if ex is not None:
+            self.msg_start = AT_READ_START
+            self.body_start = 0 if ex.head_done else UNTRACKED
+            if ex.head_done and ex.chunked_in:
+                self.chunked_end = self.walk_chunks(0)
+            return True
+        if self.gap != GAP_BAD and self.skip_gap(0):
+            return True
+        self.reading = None
+        self.begin_exchange().fail(400, "bytes other than empty lines before the request line")
+        self.flush()
+        return False
+
+    cdef bint skip_gap(self, Py_ssize_t pos) noexcept:
+        """Check reading[pos:] up to the next request: llhttp skips any CR and LF before a
+        request line, but only empty lines (CRLF) may come there, or a stray CR could
+        make us and another parser on the way see different requests. Sets msg_start;
+        False (and GAP_BAD) on anything else."""
+        cdef const char *p = PyBytes_AS_STRING(self.reading)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.reading)
+        cdef int gap = self.gap
+        while pos < n:
+            if p[pos] == b'\r':
+                if gap == GAP_CR:
+                    break
+                gap = GAP_CR
+            elif p[pos] == b'\n':
+                if gap == GAP_LINE:
+                    break
+                gap = GAP_LINE
+            else:
+                if gap == GAP_CR:
+                    break
+                gap = GAP_LINE  # `pos` is where the next request begins
+                self.msg_start = pos
+                self.gap = gap
+                return True
+            pos += 1
+        if pos < n:
+            self.gap = GAP_BAD
+            return False
+        self.msg_start = UNTRACKED  # the next request begins in a later read
+        self.gap = gap
+        return True
+
+    cdef Py_ssize_t head_end(self) noexcept:
+        """Offset in `reading` where the head just parsed ends, or UNTRACKED."""
+        cdef const char *p = PyBytes_AS_STRING(self.reading)
+        cdef Py_ssize_t start = self.msg_start, i, end
+        cdef int matched = self.head_crlf
+        if start == UNTRACKED:
+            return UNTRACKED
+        if start == AT_READ_START:
+            # the head began in an earlier read: its CRLFCRLF may straddle the two
+            for i in range(min(3, PyBytes_GET_SIZE(self.reading))):
+                matched = crlfcrlf_step(matched, p[i])
+                if matched == 4:
+                    return i + 1
+            start = 0
+        end = find_crlfcrlf(self.reading, start)
+        return end + 4 if end >= 0 else UNTRACKED
+
+    cdef Py_ssize_t start_chunks(self) noexcept:
+        """A chunked body begins at body_start: walk what this read holds of it."""
+        self.chunk_size = 0
+        self.chunk_ext = False
+        if self.body_start < 0:
+            self.chunk_phase = CHUNK_LOST
+            return UNTRACKED
+        self.chunk_phase = CHUNK_SIZE
+        return self.walk_chunks(self.body_start)
+
+    cdef Py_ssize_t walk_chunks(self, Py_ssize_t pos) noexcept:
+        """Follow the framing of a chunked body through reading[pos:]: where it ends,
+        which llhttp does not tell, or UNTRACKED if it goes on in a later read. llhttp
+        checks the framing; this only counts (chunk data is skipped, not scanned)."""
+        cdef const char *p = PyBytes_AS_STRING(self.reading)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.reading), take
+        cdef char c
+        if self.chunk_phase == CHUNK_LOST:
+            return UNTRACKED
+        while pos < n:
+            if self.chunk_phase == CHUNK_DATA:
+                take = min(self.chunk_left, n - pos)
+                pos += take
+                self.chunk_left -= take
+                if self.chunk_left == 0:
+                    self.chunk_phase = CHUNK_SIZE
+                    self.chunk_size = 0
+                    self.chunk_ext = False
+                continue
+            c = p[pos]
+            pos += 1
+            if self.chunk_phase == CHUNK_TRAILER:
+                if c != b'\n':
+                    self.trailer_line += 1
+                elif self.trailer_line == 1:  # just its CR: the empty line that ends the body
+                    return pos
+                else:
+                    self.trailer_line = 0
+            elif c == b'\n':
+                if self.chunk_size == 0:  # the last chunk
+                    self.chunk_phase = CHUNK_TRAILER
+                    self.trailer_line = 0
+                else:
+                    self.chunk_phase = CHUNK_DATA
+                    self.chunk_left = self.chunk_size + 2  # and its CRLF
+            elif not self.chunk_ext:
+                if b'0' <= c <= b'9':
+                    self.chunk_size = self.chunk_size * 16 + (c - ASCII_ZERO)
+                elif b'a' <= c <= b'f' or b'A' <= c <= b'F':
+                    self.chunk_size = self.chunk_size * 16 + (c | 0x20) - 87  # 'a' is 10
+                else:
+                    self.chunk_ext = True  # ';' of an extension, or the CR
+        return UNTRACKED
+
+    cdef void request_ended(self, Exchange ex) except *:
+        """The request `ex` has been read: find where it ends in this read and check the
+        gap after it."""
+        cdef Py_ssize_t end
+        if ex.conn_upgrade and self.parser.should_upgrade():
+            self.gap = GAP_LINE  # httptools stops here; what follows is parsed from here
+            return
+        if ex.chunked_in:
+            end = self.chunked_end
+        else:
+            end = self.body_start + self.body_here if self.body_start >= 0 else UNTRACKED
+        if end >= 0:
+            self.skip_gap(end)
+        else:  # cannot happen: but a lost position must not refuse good requests
+            self.msg_start = UNTRACKED
+            self.gap = GAP_UNKNOWN
 
     cdef void upgrade_requested(self, bytes rest) except *:
         """httptools stopped after a request with Connection: upgrade. Only websocket
