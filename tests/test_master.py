@@ -36,6 +36,7 @@ TESTS = Path(__file__).resolve().parent
 FAIL_BOOT = "STANDIN_FAIL_BOOT"  # exists: exit WORKER_BOOT_ERROR before ready
 CRASH_AFTER_READY = "STANDIN_CRASH"  # exists: exit 1 right after signalling ready
 IGNORE_QUIT = "STANDIN_IGNORE_QUIT"  # exists: QUIT is ignored (so the master must kill)
+SLOW_SEEN = "STANDIN_SLOW_SEEN"  # written by the stand-in when a /slow request reaches it
 
 
 def _flag(name: str) -> bool:
@@ -74,6 +75,8 @@ def standin_run(ctx) -> None:
                 head += data
             path = head.split(b" ", 2)[1].decode()
             if path.startswith("/slow"):
+                with open(os.environ[SLOW_SEEN], "a") as seen:
+                    seen.write(f"{os.getpid()}\n")
                 await asyncio.sleep(1.0)
             body = json.dumps({"pid": os.getpid(), "slot": ctx.slot, "generation": ctx.generation,
                                "inode": inode, "path": path}).encode()
@@ -170,7 +173,8 @@ class Master:
         self.config_path = workdir / "fastproxy.toml"
         self.pid_file = workdir / "fastproxy.pid"
         self.error_log = workdir / "error.log"
-        self.flags = {name: workdir / name.lower() for name in (FAIL_BOOT, CRASH_AFTER_READY, IGNORE_QUIT)}
+        self.flags = {name: workdir / name.lower()
+                      for name in (FAIL_BOOT, CRASH_AFTER_READY, IGNORE_QUIT, SLOW_SEEN)}
         self.main = {"workers": workers, "pid_file": str(self.pid_file), "shutdown_timeout": "10s",
                      "error_log": str(self.error_log), "log_level": "info", **main}
         self.listen = [f"127.0.0.1:{self.port}"]
@@ -372,8 +376,7 @@ def test_graceful_quit_finishes_inflight_request(make_master):
     result = {}
     t = threading.Thread(target=lambda: result.update(m.get("/slow")))
     t.start()
-    wait_until(lambda: m.workers(draining=False), 5)
-    time.sleep(0.2)  # let the slow request reach the worker (not a timing assertion)
+    wait_until(lambda: m.flags[SLOW_SEEN].exists(), 10, message="the slow request at the worker")
     m.signal(signal.SIGQUIT)
     t.join(20)
     assert result.get("path") == "/slow"
@@ -410,7 +413,7 @@ def test_reload_keeps_each_slots_socket_and_drains_the_old_generation(make_maste
     with Load(m) as load:
         t = threading.Thread(target=lambda: slow.update(m.get("/slow")))
         t.start()
-        time.sleep(0.2)  # the slow request is now in a generation-1 worker
+        wait_until(lambda: m.flags[SLOW_SEEN].exists(), 10, message="the slow request at a worker")
         assert m.reload() == 2
         t.join(20)
         wait_until(lambda: load.ok > 20, 20)

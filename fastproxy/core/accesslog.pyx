@@ -10,15 +10,42 @@ cdef enum:
     LOG_JSON = 2
 
 
+# A value the client chose (target, Referer, User-Agent) is logged up to this many bytes,
+# then cut and marked with "…" (U+2026). Escaping turns every byte >= 0x80 into \\xHH or
+# \\u00hh, so the marker cannot come from the client: a cut value is never mistaken for a
+# whole one, and a 64 KiB target cannot make a 64 KiB line.
+cdef Py_ssize_t LOG_FIELD_CAP = 2048
+cdef bytes CUT_COMBINED = "\u2026".encode()   # the line is UTF-8: the marker as such
+cdef bytes CUT_JSON = b"\\u2026"
+
+
 cdef inline bint needs_escape(unsigned char c) noexcept:
     return c < 32 or c >= 127 or c == b'"' or c == b'\\'
 
 
-cdef int add_escaped(ByteWriter out, bytes value, int fmt) except -1:
-    """Append value with '"', '\\' and non-printable bytes escaped: as \\xHH in the combined
-    format; as \\" \\\\ and \\u00hh in JSON, so the line is valid UTF-8 either way."""
+cdef int add_field(ByteWriter out, bytes value, int fmt) except -1:
+    """A client's value, escaped, cut at LOG_FIELD_CAP bytes (see there)."""
+    if PyBytes_GET_SIZE(value) <= LOG_FIELD_CAP:
+        return add_escaped(out, value, PyBytes_GET_SIZE(value), fmt)
+    add_escaped(out, value, LOG_FIELD_CAP, fmt)
+    return out.add(CUT_JSON if fmt == LOG_JSON else CUT_COMBINED)
+
+
+cdef str log_text(bytes value):
+    """A client's value for an error-log line: escaped and cut as in the combined format."""
+    cdef ByteWriter out
+    if value is None:
+        return "-"
+    out = ByteWriter(min(PyBytes_GET_SIZE(value), LOG_FIELD_CAP) * 4 + 8)
+    add_field(out, value, LOG_COMBINED)
+    return out.take().decode()
+
+
+cdef int add_escaped(ByteWriter out, bytes value, Py_ssize_t n, int fmt) except -1:
+    """Append value[:n] with '"', '\\' and non-printable bytes escaped: as \\xHH in the
+    combined format; as \\" \\\\ and \\u00hh in JSON, so the line is valid UTF-8 either way."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i, plain_from = 0
+    cdef Py_ssize_t i, plain_from = 0
     cdef unsigned char c
     cdef char esc[6]
     cdef int k
@@ -50,7 +77,7 @@ cdef int add_escaped(ByteWriter out, bytes value, int fmt) except -1:
 def escape_json(bytes value):
     """A JSON string body for value (route names in the log, once per reload)."""
     cdef ByteWriter out = ByteWriter(max(16, len(value) * 6))
-    add_escaped(out, value, LOG_JSON)
+    add_escaped(out, value, len(value), LOG_JSON)
     return out.take()
 
 
@@ -131,17 +158,22 @@ cdef class AccessLog:
             out.add(b" - - [")
             out.add(self.time_local)
             out.add(b'] "')
-            add_escaped(out, ex.method if ex.method is not None else b"-", LOG_COMBINED)
+            add_field(out, ex.method if ex.method is not None else b"-", LOG_COMBINED)
             out.add(b" ")
-            add_escaped(out, request_target(ex), LOG_COMBINED)
-            out.add(b" HTTP/1.1\" " if ex.http11 else b" HTTP/1.0\" ")
+            add_field(out, request_target(ex), LOG_COMBINED)
+            if ex.protocol is not None:
+                out.add(b" ")
+                out.add(ex.protocol)
+                out.add(b'" ')
+            else:
+                out.add(b" HTTP/1.1\" " if ex.http11 else b" HTTP/1.0\" ")
             out.add_decimal(status)
             out.add(b" ")
             out.add_decimal(ex.bytes_out)
             out.add(b' "')
-            add_escaped(out, ex.referer if ex.referer is not None else b"-", LOG_COMBINED)
+            add_field(out, ex.referer if ex.referer is not None else b"-", LOG_COMBINED)
             out.add(b'" "')
-            add_escaped(out, ex.user_agent if ex.user_agent is not None else b"-", LOG_COMBINED)
+            add_field(out, ex.user_agent if ex.user_agent is not None else b"-", LOG_COMBINED)
             out.add(b'" "')
             out.add(ex.request_id)
             out.add(b'" ')
@@ -159,11 +191,16 @@ cdef class AccessLog:
             out.add(b'","request_id":"')
             out.add(ex.request_id)
             out.add(b'","method":"')
-            add_escaped(out, ex.method if ex.method is not None else b"-", LOG_JSON)
+            add_field(out, ex.method if ex.method is not None else b"-", LOG_JSON)
             out.add(b'","uri":"')
-            add_escaped(out, request_target(ex), LOG_JSON)
-            out.add(b'","protocol":"HTTP/1.1","status":' if ex.http11
-                    else b'","protocol":"HTTP/1.0","status":')
+            add_field(out, request_target(ex), LOG_JSON)
+            if ex.protocol is not None:
+                out.add(b'","protocol":"')
+                out.add(ex.protocol)
+                out.add(b'","status":')
+            else:
+                out.add(b'","protocol":"HTTP/1.1","status":' if ex.http11
+                        else b'","protocol":"HTTP/1.0","status":')
             out.add_decimal(status)
             out.add(b',"bytes_sent":')
             out.add_decimal(ex.bytes_out)
@@ -171,10 +208,10 @@ cdef class AccessLog:
             out.add_decimal(ex.bytes_in)
             out.add(b',"referer":"')
             if ex.referer is not None:
-                add_escaped(out, ex.referer, LOG_JSON)
+                add_field(out, ex.referer, LOG_JSON)
             out.add(b'","user_agent":"')
             if ex.user_agent is not None:
-                add_escaped(out, ex.user_agent, LOG_JSON)
+                add_field(out, ex.user_agent, LOG_JSON)
             out.add(b'","route":"')
             if ex.route is not None:
                 out.add(ex.route.log_name)

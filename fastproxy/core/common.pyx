@@ -409,10 +409,12 @@ cdef inline bint valid_request_id(bytes value) noexcept:
 
 
 cdef inline bint valid_host(bytes value) noexcept:
-    """RFC 3986 host[:port] characters only (no spaces, controls, '/', '@', ...)."""
+    """Not empty, and RFC 3986 host[:port] characters only (no spaces, controls, '/', '@', ...)."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
     cdef unsigned char c
+    if n == 0:
+        return False
     for i in range(n):
         c = p[i]
         if not (b'a' <= c <= b'z' or b'A' <= c <= b'Z' or b'0' <= c <= b'9' or c == b'-'
@@ -428,7 +430,7 @@ ERROR_NAMES = {
     413: "content too large", 414: "uri too long", 417: "expectation failed",
     431: "request header fields too large", 500: "internal server error",
     501: "not implemented", 502: "bad gateway", 503: "service unavailable",
-    504: "gateway timeout",
+    504: "gateway timeout", 505: "http version not supported",
 }
 
 

@@ -3,6 +3,7 @@
 # that enforces every timeout (one sweep instead of a timer per connection).
 
 from gc import collect as gc_collect
+import logging
 
 cdef extern from "<malloc.h>" nogil:
     int malloc_trim(size_t pad)
@@ -12,6 +13,18 @@ cdef extern from "<malloc.h>" nogil:
 # and to at most half of it, and have stopped falling; not again within TRIM_MIN_INTERVAL.
 cdef Py_ssize_t TRIM_MIN_DROP = 1000
 cdef double TRIM_MIN_INTERVAL = 10.0
+
+# Refused requests are logged at info, at most this many a second per worker: a flood of
+# bad requests must not become a flood of log lines (the rest are counted, see log_refused).
+cdef int REFUSALS_LOGGED_PER_SECOND = 10
+
+# Why a request was refused, when the code refusing it gave no more precise reason.
+REFUSAL_REASONS = {
+    400: "bad request",
+    413: "body larger than max_body_size",
+    414: "request target longer than max_uri_size",
+    431: "request head larger than max_header_size",
+}
 
 
 cdef class WorkerCore:
@@ -42,6 +55,8 @@ cdef class WorkerCore:
     cdef bint pass_server_header
     cdef bint allow_encoded_slashes
     cdef double tick_interval
+    cdef double refusals_window_end
+    cdef int refusals_logged, refusals_unlogged
     cdef double next_log_flush
     cdef double log_flush_interval
     cdef object tick_handle
@@ -102,6 +117,7 @@ cdef class WorkerCore:
         if hasattr(handler, "upstream"):
             cr.handler = HANDLER_PROXY
             cr.pool = self.pools_by_name[handler.upstream]
+            cr.upstream_host = upstream_host(cr.pool)
         else:
             cr.handler = HANDLER_RESPOND
             cr.respond_status = handler.status
@@ -224,10 +240,48 @@ cdef class WorkerCore:
             self.error_logger.error(
                 'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
                 upstream, address, reason, ex.client.addr.decode(),
-                (ex.method or b"-").decode("latin-1"), (ex.url or b"-").decode("latin-1"),
-                (ex.request_id or b"-").decode("latin-1"))
+                log_text(ex.method), log_text(ex.url), log_text(ex.request_id))
+
+    cdef void log_refused(self, Exchange ex, str reason) except *:
+        """An info line for a request refused with a 4xx or 505. At most
+        REFUSALS_LOGGED_PER_SECOND lines a second: the count of those left out is logged
+        with the first line of the next second that has one."""
+        cdef int status = ex.local_status
+        logger = self.error_logger
+        if logger is None or not logger.isEnabledFor(logging.INFO):
+            return
+        if self.now >= self.refusals_window_end:
+            if self.refusals_unlogged:
+                logger.info("%d more refused requests were not logged (at most %d a second are)",
+                            self.refusals_unlogged, REFUSALS_LOGGED_PER_SECOND)
+            self.refusals_window_end = self.now + 1.0
+            self.refusals_logged = self.refusals_unlogged = 0
+        if self.refusals_logged >= REFUSALS_LOGGED_PER_SECOND:
+            self.refusals_unlogged += 1
+            return
+        self.refusals_logged += 1
+        if reason is None:
+            if status == 408:
+                reason = ("request body stalled for client_body_timeout" if ex.head_done
+                          else "request head not complete within client_header_timeout")
+            else:
+                reason = REFUSAL_REASONS.get(status, "refused")
+        logger.info('refused request with %d: %s; client %s, request "%s %s %s", request id %s',
+                    status, reason, ex.client.addr.decode(), log_text(ex.method), log_text(ex.url),
+                    ex.log_protocol(), log_text(ex.request_id))
 
     cdef void report_error(self, exc) except *:
         if self.error_logger is not None:
             self.error_logger.error("unexpected error while handling a request",
                                     exc_info=(type(exc), exc, exc.__traceback__))
+
+
+def upstream_host(UpstreamPool pool):
+    """Host sent upstream for a request that has none (HTTP/1.0), as nginx sends its
+    proxy_pass host: the server's "host:port", or for several servers the upstream's name
+    (the first server's address when the name is not a valid host)."""
+    addresses = pool.addr_bytes
+    name = pool.name.encode()
+    if len(addresses) == 1 or not valid_host(name):
+        return addresses[0]
+    return name

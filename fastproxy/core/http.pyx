@@ -24,6 +24,35 @@ cdef enum:
     TIMER_HEADER = 2    # request head incomplete: 408
     TIMER_BODY = 3      # request body stalled: 408
     TIMER_SEND = 4      # client not reading our response: close
+    TIMER_LINGER = 5    # closing after a refusal, dropping what the client still sends: close
+
+# Lingering close (see ClientConnection.close): how long the bytes a client still sends
+# after a refused request are read and dropped before the connection is closed anyway.
+cdef double LINGER_TIMEOUT = 5.0
+
+cdef enum:
+    # the bytes between two requests, where llhttp skips any CR and LF but only empty
+    # lines (CRLF) may come (RFC 9112 2.2); see ClientConnection.skip_gap
+    GAP_LINE = 0        # at a line start: CR, or the next request
+    GAP_CR = 1          # after a CR: LF
+    GAP_BAD = 2         # something else came: the next request is refused
+    GAP_UNKNOWN = 3     # where the last request ended was lost (a bug): lenient until the next read
+
+cdef enum:
+    # where ClientConnection.walk_chunks is in a chunked request body
+    CHUNK_SIZE = 0      # in a chunk-size line (size, extensions) up to its LF
+    CHUNK_DATA = 1      # in chunk data and the CRLF after it
+    CHUNK_TRAILER = 2   # in the trailer section, up to its empty line
+    CHUNK_LOST = 3      # where the body began was lost (see GAP_UNKNOWN)
+
+cdef enum:
+    ASCII_CR = 13
+    ASCII_LF = 10
+
+cdef enum:
+    # ClientConnection.msg_start when the request does not begin in the current read
+    AT_READ_START = -1  # it began in an earlier one and its bytes go on from offset 0
+    UNTRACKED = -2      # not in this read (or lost: see GAP_UNKNOWN)
 
 cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
 # Pipelining: at most this many complete requests wait behind the one being answered; the
@@ -39,13 +68,13 @@ cdef bytes CONNECTION_CLOSE = b"Connection: close\r\n"
 cdef bytes CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 cdef bytes CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+# Allow for TRACE on a route open to every method (TRACE needs a route that names it)
+cdef bytes ALLOW_WITHOUT_TRACE = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 class _StopRequest(Exception):
-    """Raised from a parser callback to stop parsing a request we have already refused."""
-
-
-cdef object STOP_REQUEST = _StopRequest()
+    """Raised from a parser callback to stop parsing a request we have already refused.
+    A new instance each time: a raised instance keeps its traceback, which would grow."""
 
 
 class _PipelineFull(Exception):
@@ -60,6 +89,7 @@ cdef class Exchange:
     cdef UpstreamConnection upstream
     cdef bytes method, url, path, host, request_id, xff, referer, user_agent, upstream_addr
     cdef bytes received_url     # the target as the client sent it, when `url` was rewritten
+    cdef bytes protocol         # for the logs, when neither HTTP/1.0 nor HTTP/1.1: "HTTP/2.0", "-"
     cdef list fwd_headers       # name, value, name, value, ... in arrival order
     cdef frozenset conn_drop    # header names the Connection header lists
     cdef list up_out            # upstream-bound bytes not yet written
@@ -136,14 +166,9 @@ cdef class Exchange:
         cdef list allowed
         cdef bytes host
         self.head_done = True
-        self.method = client.get_method()
+        if self.method is None:
+            self.method = client.get_method()
         self.keep_alive = client.should_keep_alive()
-        if not self.has_connection:
-            # without a Connection header only HTTP/1.1 keeps the connection alive: the
-            # version follows without building get_http_version()'s string
-            self.http11 = self.keep_alive
-        else:
-            self.http11 = client.parser.get_http_version() == "1.1"
         self.is_head = self.method == b"HEAD"
         if self.request_id is None:
             self.request_id = core.ids.next()
@@ -154,26 +179,35 @@ cdef class Exchange:
             self.content_length = -1
         elif not self.has_length:
             self.content_length = 0
-        if self.local_status:  # 417 from an Expect we do not know
-            self.close_after = True
+        if not self.has_connection and self.keep_alive:
+            # without a Connection header only HTTP/1.1 keeps the connection alive: the
+            # version follows without building get_http_version()'s string
+            self.http11 = True
+        elif not self.supported_version(client.parser.get_http_version()):
             return
-        if (self.http11 and self.host_count != 1) or self.host_count > 1:
-            self.fail(400)
+        if self.local_status == 417:  # from an Expect we do not know
+            self.fail(417, "Expect other than 100-continue")
+            return
+        if self.http11 and self.host_count == 0:
+            self.fail(400, "HTTP/1.1 request without Host")
+            return
+        if self.host_count > 1:
+            self.fail(400, "more than one Host header")
             return
         if self.method == b"CONNECT":
             self.local_status = 405
             self.allow = b""
             self.close_after = True
             return
-        if self.host is None:
-            self.host = b""
-        elif not valid_host(self.host):
-            self.fail(400)
+        if self.host is not None and not valid_host(self.host):
+            self.fail(400, "empty Host" if not self.host else "invalid Host")
             return
         if not self.set_path(core.allow_encoded_slashes):
-            self.fail(400)
+            self.fail(400, "request target refused: not a path in normal form, nor http://host/path")
             return
-        host = normalize_host(self.host) if core.router.uses_hosts else self.host
+        host = self.host if self.host is not None else b""  # HTTP/1.0 may send none
+        if core.router.uses_hosts:
+            host = normalize_host(host)
         self.route = core.router.match(host, self.path, self.method, None)
         if self.route is None:
             allowed = []
@@ -183,6 +217,12 @@ cdef class Exchange:
                 self.allow = b", ".join(sorted(set(allowed)))
             else:
                 self.local_status = 404
+            return
+        if not self.route.methods and self.method == b"TRACE":
+            # a request echoed back can leak credentials (cross-site tracing): TRACE is
+            # only passed on by a route whose `methods` names it
+            self.local_status = 405
+            self.allow = ALLOW_WITHOUT_TRACE
             return
         if self.head_size > self.route.max_header_size:
             self.fail(431)
@@ -194,7 +234,8 @@ cdef class Exchange:
             self.local_status = self.route.respond_status
             return
         if self.conn_upgrade and not self.upgrade_websocket and self.content_length != 0:
-            self.fail(400)  # llhttp has skipped the body of an upgrade request: refuse it
+            # llhttp has skipped the body of an upgrade request: refuse it
+            self.fail(400, "upgrade request with a body")
             return
         self.upstream_head = self.build_upstream_head(core)
 
@@ -215,6 +256,18 @@ cdef class Exchange:
         self.path = path
         return True
 
+    cdef bint supported_version(self, str version) except -1:
+        """HTTP/1.0 and HTTP/1.1 are served; anything else llhttp accepts (HTTP/0.9 with or
+        without a version in the request line, HTTP/2.0) is answered 505 at once."""
+        self.http11 = version == "1.1"
+        if self.http11 or version == "1.0":
+            return True
+        if version == "0.0":
+            version = "0.9"  # the request line ended without a version: HTTP/0.9
+        self.protocol = ("HTTP/" + version).encode()
+        self.fail(505, "version HTTP/%s not supported" % version)
+        return False
+
     cdef bytes absolute_form(self, bytes target):
         """The path of an http://host/path target (RFC 9112 3.2.2), whose authority replaces
         Host; None for a target in any other form. `target` ends before the query."""
@@ -228,7 +281,7 @@ cdef class Exchange:
             return None
         slash = find_byte(target, b'/', start)
         authority = target[start:] if slash < 0 else target[start:slash]
-        if not authority:
+        if not valid_host(authority):  # empty, or user:password@host, ...
             return None
         self.host = authority
         return b"/" if slash < 0 else target[slash:]
@@ -244,7 +297,7 @@ cdef class Exchange:
         out.add(b" ")
         out.add(self.url)
         out.add(b" HTTP/1.1\r\nHost: ")
-        out.add(self.host)
+        out.add(self.host if self.host is not None else self.route.upstream_host)
         out.add(CRLF)
         for i in range(0, len(headers), 2):
             name = <bytes>headers[i]
@@ -259,9 +312,12 @@ cdef class Exchange:
             out.add(self.xff)
             out.add(b", ")
         out.add(self.client.addr)
-        out.add(b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
-        out.add(self.host)
-        out.add(b"\r\nX-Request-ID: ")
+        out.add(b"\r\nX-Forwarded-Proto: http\r\n")
+        if self.host is not None:  # else the client sent none to pass on
+            out.add(b"X-Forwarded-Host: ")
+            out.add(self.host)
+            out.add(CRLF)
+        out.add(b"X-Request-ID: ")
         out.add(self.request_id)
         out.add(CRLF)
         if self.upgrading:
@@ -282,7 +338,7 @@ cdef class Exchange:
         if self.route is not None and self.route.max_body_size \
                 and self.body_received > self.route.max_body_size:
             self.fail(413)
-            raise STOP_REQUEST
+            raise _StopRequest()
         if self.local_status or self.route is None:
             return  # answered locally: the body is read and dropped
         if self.chunked_in:
@@ -409,11 +465,17 @@ cdef class Exchange:
         client.write(out.take())
         self.response_complete()
 
-    cdef void fail(self, int status) except *:
-        """A client error found while reading the request: answer and close."""
+    cdef void fail(self, int status, str reason=None) except *:
+        """A client error found while reading the request: answer and close. `reason`
+        goes to the error log (a default by status when None)."""
         self.local_status = status
         self.close_after = True
-        self.client.refuse(self)
+        self.client.refuse(self, reason)
+
+    cdef str log_protocol(self):
+        if self.protocol is not None:
+            return self.protocol.decode()
+        return "HTTP/1.1" if self.http11 else "HTTP/1.0"
 
     cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
                             Py_ssize_t first, Py_ssize_t end) except *:
@@ -487,6 +549,13 @@ cdef class Exchange:
         self.client.exchange_done(self)
 
 
+cdef inline int crlfcrlf_step(int matched, char c) noexcept:
+    """One byte of a search for CRLFCRLF: how much of it ends the bytes seen so far."""
+    if c == (ASCII_CR if matched % 2 == 0 else ASCII_LF):
+        return matched + 1
+    return 1 if c == ASCII_CR else 0
+
+
 cdef inline bint fits(list pieces, Py_ssize_t limit):
     """The pieces add up to at most `limit` bytes (stops counting once over)."""
     cdef Py_ssize_t total = 0
@@ -516,6 +585,15 @@ cdef class ClientConnection:
     cdef int timer
     cdef double deadline
     cdef Py_ssize_t head_raw
+    # where requests begin and end in the read being parsed, to check the gap between
+    # them (skip_gap): offsets in `reading`, or AT_READ_START / UNTRACKED
+    cdef bytes reading
+    cdef Py_ssize_t msg_start, body_start, body_here, chunked_end
+    cdef int gap
+    cdef int head_crlf           # how much of CRLFCRLF ended the last read inside a head
+    cdef int chunk_phase         # walk_chunks' place in a chunked body, kept across reads
+    cdef Py_ssize_t chunk_size, chunk_left, trailer_line
+    cdef bint chunk_ext
     cdef bint closing, write_paused, parse_failed, upgraded
     cdef int fd                  # the socket's descriptor, once looked up (see send_room)
 
@@ -561,6 +639,8 @@ cdef class ClientConnection:
             return
         if self.closing or self.parse_failed:
             return
+        if not self.begin_read(data):
+            return
         try:
             self.feed(data)
         except HttpParserUpgrade as exc:
@@ -572,11 +652,10 @@ cdef class ClientConnection:
                 self.parse_error(exc)
         except HttpParserError as exc:
             self.parse_error(exc)
+        self.reading = None
         ex = self.parsing
         if ex is not None and not ex.head_done and not self.parse_failed:
-            self.head_raw += len(data)
-            if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
-                ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
+            self.head_pending(ex, data)
         ex = self.current
         if ex is not None:
             ex.flush_upstream()
@@ -641,30 +720,50 @@ cdef class ClientConnection:
     def on_message_begin(self):
         self.parsing = self.begin_exchange()
         self.head_raw = 0
+        self.head_crlf = 0
         if self.parsing is self.current:
             self.set_timer(TIMER_HEADER, self.core.client_header_timeout)
+        if self.gap == GAP_BAD:
+            self.parsing.fail(400, "bytes other than empty lines before the request line")
+            raise _StopRequest()
 
     def on_url(self, bytes url):
         cdef Exchange ex = self.parsing
-        ex.url = url if ex.url is None else ex.url + url
+        if ex.url is None:
+            ex.url = url
+            ex.method = self.get_method()
+            # the request line counts toward max_header_size: method SP target SP HTTP/x.y CRLF
+            ex.head_size = PyBytes_GET_SIZE(ex.method) + 12
+        else:
+            ex.url = ex.url + url
+        ex.head_size += PyBytes_GET_SIZE(url)
         if len(ex.url) > self.core.max_uri_size:
+            ex.protocol = b"-"  # not read yet
             ex.fail(414)
-            raise STOP_REQUEST
+            raise _StopRequest()
+        if ex.head_size > self.core.max_header_size:
+            ex.protocol = b"-"
+            ex.fail(431)
+            raise _StopRequest()
 
     def on_header(self, bytes name, bytes value):
         cdef Exchange ex = self.parsing
         ex.head_size += len(name) + len(value) + 4
         if ex.head_size > self.core.max_header_size:
             ex.fail(431)
-            raise STOP_REQUEST
+            raise _StopRequest()
         ex.header(name, value)
 
     def on_headers_complete(self):
         cdef Exchange ex = self.parsing
-        ex.bytes_in = ex.head_size + len(ex.url if ex.url is not None else b"") + 16
+        ex.bytes_in = ex.head_size + 2  # the request line, the header lines and an empty line
+        self.body_start = self.head_end()
+        self.body_here = 0
+        if ex.chunked_in:
+            self.chunked_end = self.start_chunks()
         ex.head_complete()
         if self.parse_failed:
-            raise STOP_REQUEST
+            raise _StopRequest()
         if ex is self.current:
             if ex.content_length != 0 and not ex.local_status:
                 self.set_timer(TIMER_BODY, self.core.client_body_timeout)
@@ -674,23 +773,26 @@ cdef class ClientConnection:
 
     def on_body(self, bytes body):
         cdef Exchange ex = self.parsing
+        self.body_here += PyBytes_GET_SIZE(body)
         ex.body(body)
         if self.timer == TIMER_BODY:
             self.deadline = self.core.now + self.core.client_body_timeout
 
     def on_message_complete(self):
         cdef Exchange ex = self.parsing
+        cdef bint queued = ex is not self.current
         self.parsing = None
         ex.message_complete()
-        if ex is self.current:
+        if not queued:
             if self.timer == TIMER_BODY:
                 self.set_timer(TIMER_NONE, 0)
             if ex.local_status and not ex.response_started:
                 ex.respond_local()
         else:
             self.pause_reading(PAUSE_PIPELINE)
-            if len(self.queue) >= PIPELINE_DEPTH:
-                raise _PipelineFull()  # a new instance: a shared one would keep every traceback
+        self.request_ended(ex)
+        if queued and len(self.queue) >= PIPELINE_DEPTH:
+            raise _PipelineFull()  # a new instance: a shared one would keep every traceback
 
     # -- flow -------------------------------------------------------------------
 
@@ -787,6 +889,7 @@ cdef class ClientConnection:
         self.record(ex)
         self.flush()
         if ex.upstream is not None:  # answered before the upstream did (413, early error)
+            ex.upstream.exchange = None  # else its connection_lost completes `ex` a second time
             ex.upstream.close()
             ex.upstream = None
         self.requests += 1
@@ -831,12 +934,23 @@ cdef class ClientConnection:
         elif rest > 0:
             self.held = data[stop:]
 
-    cdef void refuse(self, Exchange ex) except *:
+    cdef void refuse(self, Exchange ex, str reason) except *:
         """A request we will not read further: the parser's state can no longer be trusted,
         so nothing after it is read and the connection closes after the answer."""
+        cdef str version
         self.parse_failed = True
         if ex.request_id is None:
             ex.request_id = self.core.ids.next()
+        if ex.url is None:
+            ex.protocol = b"-"  # nothing of its request line was read
+        elif not ex.head_done and self.parser is not None and ex.protocol is None:
+            # refused while its head was read: log the version the parser has seen, if any
+            version = self.parser.get_http_version()
+            ex.http11 = version == "1.1"
+            if not ex.http11 and version != "1.0":
+                ex.protocol = b"-" if version == "0.0" else ("HTTP/" + version).encode()
+        if ex.local_status != 500:  # a bug: report_error has logged it
+            self.core.log_refused(ex, reason)
         if ex.response_started:
             self.abort()
         elif ex is self.current:
@@ -853,8 +967,173 @@ cdef class ClientConnection:
         if isinstance(exc, HttpParserCallbackError) and not isinstance(exc.__context__, _StopRequest):
             self.core.report_error(exc.__context__)
             ex.fail(500)
+        elif self.parser.get_http_version()[0] not in "01":
+            ex.supported_version(self.parser.get_http_version())  # HTTP/3.0 ...: 505
         else:
-            ex.fail(400)
+            ex.fail(400, "invalid request: %s" % exc)
+
+    cdef void head_pending(self, Exchange ex, bytes data) except *:
+        """A read ended inside the head of `ex`."""
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), i
+        self.head_raw += n
+        if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
+            ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
+            return
+        # how much of the head's final CRLFCRLF the bytes so far end with, for head_end:
+        # the last three bytes tell (a shorter read goes on from the previous count)
+        i = n - 3 if n > 3 else 0
+        if i > 0:
+            self.head_crlf = 0
+        for i in range(i, n):
+            self.head_crlf = crlfcrlf_step(self.head_crlf, p[i])
+        if p[n - 1] == b'\n':
+            # a line of the head is complete, so llhttp has read the version: answer now
+            # what it accepts and we do not serve (an HTTP/0.9 client would wait forever)
+            ex.supported_version(self.parser.get_http_version())
+
+    cdef bint begin_read(self, bytes data) except -1:
+        """Before `data` is parsed: note where requests are in it; between requests,
+        check the bytes before the next one (False: refused, nothing to parse)."""
+        cdef Exchange ex = self.parsing
+        self.reading = data
+        self.body_here = 0
+        if ex is not None:
+            self.msg_start = AT_READ_START
+            self.body_start = 0 if ex.head_done else UNTRACKED
+            if ex.head_done and ex.chunked_in:
+                self.chunked_end = self.walk_chunks(0)
+            return True
+        if self.gap != GAP_BAD and self.skip_gap(0):
+            return True
+        self.reading = None
+        self.begin_exchange().fail(400, "bytes other than empty lines before the request line")
+        self.flush()
+        return False
+
+    cdef bint skip_gap(self, Py_ssize_t pos) noexcept:
+        """Check reading[pos:] up to the next request: llhttp skips any CR and LF before a
+        request line, but only empty lines (CRLF) may come there, or a stray CR could
+        make us and another parser on the way see different requests. Sets msg_start;
+        False (and GAP_BAD) on anything else."""
+        cdef const char *p = PyBytes_AS_STRING(self.reading)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.reading)
+        cdef int gap = self.gap
+        while pos < n:
+            if p[pos] == b'\r':
+                if gap == GAP_CR:
+                    break
+                gap = GAP_CR
+            elif p[pos] == b'\n':
+                if gap == GAP_LINE:
+                    break
+                gap = GAP_LINE
+            else:
+                if gap == GAP_CR:
+                    break
+                gap = GAP_LINE  # `pos` is where the next request begins
+                self.msg_start = pos
+                self.gap = gap
+                return True
+            pos += 1
+        if pos < n:
+            self.gap = GAP_BAD
+            return False
+        self.msg_start = UNTRACKED  # the next request begins in a later read
+        self.gap = gap
+        return True
+
+    cdef Py_ssize_t head_end(self) noexcept:
+        """Offset in `reading` where the head just parsed ends, or UNTRACKED."""
+        cdef const char *p = PyBytes_AS_STRING(self.reading)
+        cdef Py_ssize_t start = self.msg_start, i, end
+        cdef int matched = self.head_crlf
+        if start == UNTRACKED:
+            return UNTRACKED
+        if start == AT_READ_START:
+            # the head began in an earlier read: its CRLFCRLF may straddle the two
+            for i in range(min(3, PyBytes_GET_SIZE(self.reading))):
+                matched = crlfcrlf_step(matched, p[i])
+                if matched == 4:
+                    return i + 1
+            start = 0
+        end = find_crlfcrlf(self.reading, start)
+        return end + 4 if end >= 0 else UNTRACKED
+
+    cdef Py_ssize_t start_chunks(self) noexcept:
+        """A chunked body begins at body_start: walk what this read holds of it."""
+        self.chunk_size = 0
+        self.chunk_ext = False
+        if self.body_start < 0:
+            self.chunk_phase = CHUNK_LOST
+            return UNTRACKED
+        self.chunk_phase = CHUNK_SIZE
+        return self.walk_chunks(self.body_start)
+
+    cdef Py_ssize_t walk_chunks(self, Py_ssize_t pos) noexcept:
+        """Follow the framing of a chunked body through reading[pos:]: where it ends,
+        which llhttp does not tell, or UNTRACKED if it goes on in a later read. llhttp
+        checks the framing; this only counts (chunk data is skipped, not scanned)."""
+        cdef const char *p = PyBytes_AS_STRING(self.reading)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.reading), take
+        cdef char c
+        if self.chunk_phase == CHUNK_LOST:
+            return UNTRACKED
+        while pos < n:
+            if self.chunk_phase == CHUNK_DATA:
+                take = min(self.chunk_left, n - pos)
+                pos += take
+                self.chunk_left -= take
+                if self.chunk_left == 0:
+                    self.chunk_phase = CHUNK_SIZE
+                    self.chunk_size = 0
+                    self.chunk_ext = False
+                continue
+            c = p[pos]
+            pos += 1
+            if self.chunk_phase == CHUNK_TRAILER:
+                if c != b'\n':
+                    self.trailer_line += 1
+                elif self.trailer_line == 1:  # just its CR: the empty line that ends the body
+                    return pos
+                else:
+                    self.trailer_line = 0
+            elif c == b'\n':
+                if self.chunk_size == 0:  # the last chunk
+                    self.chunk_phase = CHUNK_TRAILER
+                    self.trailer_line = 0
+                else:
+                    self.chunk_phase = CHUNK_DATA
+                    self.chunk_left = self.chunk_size + 2  # and its CRLF
+            elif not self.chunk_ext:
+                if self.chunk_size >> 56:
+                    # a size llhttp refuses (it overflows): stop counting before we do
+                    self.chunk_phase = CHUNK_LOST
+                    return UNTRACKED
+                if b'0' <= c <= b'9':
+                    self.chunk_size = self.chunk_size * 16 + (c - ASCII_ZERO)
+                elif b'a' <= c <= b'f' or b'A' <= c <= b'F':
+                    self.chunk_size = self.chunk_size * 16 + (c | 0x20) - 87  # 'a' is 10
+                else:
+                    self.chunk_ext = True  # ';' of an extension, or the CR
+        return UNTRACKED
+
+    cdef void request_ended(self, Exchange ex) except *:
+        """The request `ex` has been read: find where it ends in this read and check the
+        gap after it."""
+        cdef Py_ssize_t end
+        if ex.conn_upgrade and self.parser.should_upgrade():
+            self.gap = GAP_LINE  # httptools stops here; what follows is parsed from here
+            return
+        if ex.chunked_in:
+            end = self.chunked_end
+        else:
+            end = self.body_start + self.body_here if self.body_start >= 0 else UNTRACKED
+        if end >= 0:
+            self.skip_gap(end)
+        else:  # cannot happen: but a lost position must not refuse good requests
+            self.msg_start = UNTRACKED
+            self.gap = GAP_UNKNOWN
 
     cdef void upgrade_requested(self, bytes rest) except *:
         """httptools stopped after a request with Connection: upgrade. Only websocket
@@ -917,7 +1196,17 @@ cdef class ClientConnection:
         if not self.closing:
             self.closing = True
             self.flush()
-            self.transport.close()
+            if self.parse_failed:
+                # The client may still be sending what we refused to read. Closing with
+                # unread bytes would reset the connection and could destroy our answer on
+                # its way, so end our side, then read and drop what comes until the client
+                # closes, for at most LINGER_TIMEOUT (nginx's lingering close).
+                self.transport.write_eof()
+                self.paused = 0
+                self.transport.resume_reading()
+                self.set_timer(TIMER_LINGER, LINGER_TIMEOUT)
+            else:
+                self.transport.close()
 
     cdef void close_now(self) except *:
         self.flush()

@@ -18,6 +18,7 @@ cdef class CompiledRoute:
     cdef readonly tuple methods
     cdef bytes allow_value    # "GET, HEAD" for 405 answers
     cdef UpstreamPool pool
+    cdef bytes upstream_host  # Host for a request without one (see upstream_host())
     cdef bytes respond_head   # status line and fixed headers, pre-encoded
     cdef bytes respond_body
     cdef int respond_status
