@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 import traceback
 from collections import defaultdict
@@ -20,12 +19,10 @@ from collections import defaultdict
 import pytest
 import requests
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import zone_probe  # noqa: E402
+from harness import zone_probe
 
-from fastproxy.shm import (METRICS_ZONE, WORKER_DRAINING, MetricsZone, Zone, ZoneFull, ZoneSpec,  # noqa: E402
-                           layout as L)
-from fastproxy.shm.reader import render_prometheus, status  # noqa: E402
+from fastproxy.shm import METRICS_ZONE, WORKER_DRAINING, MetricsZone, Zone, ZoneFull, ZoneSpec, layout as L
+from fastproxy.shm.reader import render_prometheus, status
 
 # One duration per histogram bucket, the last beyond 10 s.
 SECONDS = (0.001, 0.007, 0.02, 0.04, 0.07, 0.2, 0.3, 0.7, 2.0, 3.0, 7.0, 12.0)

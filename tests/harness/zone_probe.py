@@ -69,12 +69,14 @@ PROBE_PYX = textwrap.dedent('''
     # STOP: nonzero tells the hammering loops to return
     # COUNTER: a word many processes fetch_add to
     # TOKENS: a word many processes take from with compare-and-swap, never below zero
+    # READS: whole reads of the guarded record, all readers together
 
     cdef enum:
         GUARDED = 8
         STOP = 16
         COUNTER = 24
         TOKENS = 32
+        READS = 40
 
     cdef inline uint64_t *word(ZoneAccess z, int index) noexcept nogil:
         return <uint64_t *>z.base + index
@@ -94,16 +96,21 @@ PROBE_PYX = textwrap.dedent('''
             fp_store_relaxed(word(z, GUARDED + 1), ~count)
         zone_write_end(z.header)
 
-    def hammer_locked(ZoneAccess z):
-        """Update the guarded record under the lock until STOP; returns how many times."""
+    def hammer_locked(ZoneAccess z, int pause=0):
+        """Update the guarded record under the lock until STOP, pausing `pause` spins between
+        updates (readers of a record written without a break would always retry); returns
+        how many updates it made."""
         cdef uint64_t pid = getpid()
         cdef long done = 0
+        cdef int i
         with nogil:
             while not fp_load_relaxed(word(z, STOP)):
                 zone_lock(z.header, pid)
                 update_guarded(z, True)
                 zone_unlock(z.header)
                 done += 1
+                for i in range(pause):
+                    fp_cpu_relax()
         return done
 
     def lock_and_tear(ZoneAccess z):
@@ -136,6 +143,7 @@ PROBE_PYX = textwrap.dedent('''
                 if zone_read_retry(z.header, seq):
                     continue
                 reads += 1
+                fp_fetch_add(word(z, READS), 1)
                 if check != ~count:
                     torn += 1
         return reads, torn
