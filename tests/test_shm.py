@@ -197,7 +197,7 @@ def test_zone_header_and_reserved_names():
     assert metrics.upstream_names() == {0: "_retired"}
     assert MetricsZone(metrics.zone).route_names() == {0: "_unrouted", 1: "_retired"}
     with pytest.raises(ValueError, match="not a metrics zone"):
-        MetricsZone(Zone(ZoneSpec("metrics", L.TOTAL_SIZE, L.LAYOUT_VERSION + 1)))
+        MetricsZone(Zone(ZoneSpec("metrics", L.TOTAL_SIZE, L.LAYOUT_VERSION + 1, "core")))
 
 
 def test_writer_refuses_foreign_buffer_and_bad_slot(probe):

@@ -24,7 +24,7 @@ from fastproxy.shm import ZoneSet, ZoneSpec, layout
 
 # Word indexes of the probe's test records (see zone_probe.PROBE_PYX).
 GUARDED, STOP, COUNTER, TOKENS, READS = 8, 16, 24, 32, 40
-TEST_ZONE = ZoneSpec("test.lock", 4096, 1)
+TEST_ZONE = ZoneSpec("test.lock", 4096, 1, "test")
 
 
 @pytest.fixture(scope="session")
@@ -88,34 +88,35 @@ def runtime_using(tmp_path, *zones: ZoneSpec):
 def test_master_reuses_matching_zones_across_reloads_and_recreates_changed_ones(probe, tmp_path, caplog):
     caplog.set_level(logging.INFO, "fastproxy.zones")
     master = Master(str(tmp_path / "fastproxy.toml"), runtime_using(tmp_path))
-    same, grown = ZoneSpec("same", 4096, 1), ZoneSpec("grows", 4096, 1)
+    same, grown = ZoneSpec("same", 4096, 1, "test"), ZoneSpec("grows", 4096, 1, "test")
     first = master.open_zones(runtime_using(tmp_path, same, grown, same))
     assert sorted(first) == ["grows", layout.ZONE_NAME, "same"]
     for zone in first.values():
         probe.store(probe.ZoneAccess(zone.buffer, zone.spec.version), COUNTER, 7)
     master.current = Generation(1, master.runtime, first, (), ())
 
-    bigger = ZoneSpec("grows", 8192, 1)
-    second = master.open_zones(runtime_using(tmp_path, same, bigger, ZoneSpec("new", 4096, 3)))
+    bigger = ZoneSpec("grows", 8192, 1, "test")
+    second = master.open_zones(runtime_using(tmp_path, same, bigger, ZoneSpec("new", 4096, 3, "test")))
     assert second["same"] is first["same"] and second[layout.ZONE_NAME] is first[layout.ZONE_NAME]
     assert probe.load(probe.ZoneAccess(second["same"].buffer, 1), COUNTER) == 7
     assert second["grows"] is not first["grows"] and len(second["grows"].buffer) == 8192
     assert probe.load(probe.ZoneAccess(second["grows"].buffer, 1), COUNTER) == 0
     # The old generation's workers keep the zone they were given until they exit.
     assert probe.load(probe.ZoneAccess(first["grows"].buffer, 1), COUNTER) == 7
-    assert "zone 'grows' recreated empty: 8192 bytes, layout version 1 (was 4096 bytes, version 1)" \
-        in caplog.text
-    assert "zone 'new' created: 4096 bytes, layout version 3" in caplog.text
+    assert ("zone 'grows' of test recreated empty: 8192 bytes, layout version 1 (was 4096 bytes, "
+            "version 1, of test)") in caplog.text
+    assert "zone 'new' of test created: 4096 bytes, layout version 3" in caplog.text
 
     master.current = Generation(2, master.runtime, second, (), ())
-    third = master.open_zones(runtime_using(tmp_path, ZoneSpec("same", 4096, 2)))  # new layout
+    third = master.open_zones(runtime_using(tmp_path, ZoneSpec("same", 4096, 2, "test")))  # new layout
     assert third["same"] is not second["same"] and "grows" not in third
-    assert "zone 'same' recreated empty: 4096 bytes, layout version 2" in caplog.text
+    assert "zone 'same' of test recreated empty: 4096 bytes, layout version 2" in caplog.text
 
-    with pytest.raises(ValueError, match="declared twice, differently"):
-        ZoneSet.open([same, ZoneSpec("same", 8192, 1)])
+    for clash in (ZoneSpec("same", 8192, 1, "test"), ZoneSpec("same", 4096, 1, "another")):
+        with pytest.raises(ValueError, match="declared twice, differently"):
+            ZoneSet.open([same, clash])
     with pytest.raises(ValueError, match="bad zone spec"):
-        ZoneSpec("tiny", 32, 1)
+        ZoneSpec("tiny", 32, 1, "test")
     with pytest.raises(ValueError, match="not a fastproxy zone of layout version 2"):
         probe.ZoneAccess(first["same"].buffer, 2)
 

@@ -29,7 +29,8 @@ Concurrency rule (one per section; docs/metrics.md says it in full):
 """
 from __future__ import annotations
 
-from fastproxy._core import (
+# What the Cython side defines, for the offsets below and the reader's labels.
+from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS: re-exported for the reader)
     DURATION_BUCKETS, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE, metrics_slot_size)
 
 ZONE_NAME = "metrics"
@@ -55,7 +56,6 @@ RETIRED_UPSTREAM = 0
 RESERVED_ROUTES = {UNROUTED_NAME: UNROUTED_ROUTE, RETIRED_NAME: RETIRED_ROUTE}
 RESERVED_UPSTREAMS = {RETIRED_NAME: RETIRED_UPSTREAM}
 
-STATUS_CLASSES = 5
 UPSTREAM_ERROR_KINDS = UPSTREAM_ERROR_KIND_NAMES
 
 # --- master info: word indexes from MASTER_OFFSET ---

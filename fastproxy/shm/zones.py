@@ -1,7 +1,7 @@
 """Zones, master side: named, fixed-size, versioned shared-memory regions.
 
-A feature declares the zones it needs as ZoneSpec(name, size, version) when its config half
-compiles (a filter lists them in its `zones` attribute); the core declares the metrics zone.
+A feature declares the zones it needs as ZoneSpec(name, size, version, owner) when its config
+half compiles (a filter lists them in its `zones` attribute); the core declares the metrics zone.
 For each generation the master opens them before forking its workers: a zone of the current
 generation is reused when name, size and version all match, and created afresh (and logged)
 otherwise. Each zone is its own anonymous MAP_SHARED mapping, so one can be recreated while the
@@ -31,18 +31,21 @@ log = logging.getLogger("fastproxy.zones")
 class ZoneSpec:
     """A zone as a feature declares it. `size` is in bytes, the 64-byte header included; it is
     fixed for the zone's life. `version` is the layout version of the zone's records: raise it
-    whenever their layout changes, so a reload never hands a zone in the old layout to new code."""
+    whenever their layout changes, so a reload never hands a zone in the old layout to new code.
+    `owner` is the feature that declares it (its filter's name), the only code that uses it."""
     name: str
     size: int
     version: int
+    owner: str
 
     def __post_init__(self):
-        if not self.name or self.size < ZONE_HEADER_SIZE or self.size % layout.WORD or self.version < 0:
-            raise ValueError(f"bad zone spec {self!r}: needs a name, a size of at least "
+        if (not self.name or not self.owner or self.size < ZONE_HEADER_SIZE or self.size % layout.WORD
+                or self.version < 0):
+            raise ValueError(f"bad zone spec {self!r}: needs a name, an owner, a size of at least "
                              f"{ZONE_HEADER_SIZE} bytes in whole words, and a version >= 0")
 
 
-METRICS_ZONE = ZoneSpec(layout.ZONE_NAME, layout.TOTAL_SIZE, layout.LAYOUT_VERSION)
+METRICS_ZONE = ZoneSpec(layout.ZONE_NAME, layout.TOTAL_SIZE, layout.LAYOUT_VERSION, "core")
 
 
 class Zone:
@@ -59,7 +62,8 @@ class Zone:
         return self.spec.name
 
     def __repr__(self) -> str:
-        return f"<Zone {self.spec.name!r} {self.spec.size} bytes, version {self.spec.version}>"
+        spec = self.spec
+        return f"<Zone {spec.name!r} of {spec.owner}, {spec.size} bytes, version {spec.version}>"
 
 
 class ZoneSet(Mapping[str, Zone]):
@@ -72,7 +76,7 @@ class ZoneSet(Mapping[str, Zone]):
     def open(cls, specs: Iterable[ZoneSpec], previous: Optional["ZoneSet"] = None) -> "ZoneSet":
         """The zones for a new generation: those of `previous` (the current generation) whose
         spec matches are reused, the others created. Raises ValueError if two specs give one
-        name different sizes or versions, OSError if a mapping cannot be made."""
+        name a different size, version or owner, OSError if a mapping cannot be made."""
         wanted: Dict[str, ZoneSpec] = {}
         for spec in specs:
             if wanted.setdefault(spec.name, spec) != spec:
@@ -86,10 +90,12 @@ class ZoneSet(Mapping[str, Zone]):
                 continue
             zones[name] = Zone(spec)
             if old is None:
-                log.info("zone %r created: %d bytes, layout version %d", name, spec.size, spec.version)
+                log.info("zone %r of %s created: %d bytes, layout version %d",
+                         name, spec.owner, spec.size, spec.version)
             else:
-                log.warning("zone %r recreated empty: %d bytes, layout version %d (was %d bytes, "
-                            "version %d)", name, spec.size, spec.version, old.spec.size, old.spec.version)
+                log.warning("zone %r of %s recreated empty: %d bytes, layout version %d (was %d "
+                            "bytes, version %d, of %s)", name, spec.owner, spec.size, spec.version,
+                            old.spec.size, old.spec.version, old.spec.owner)
         return cls(zones)
 
     def release_locks_of(self, pid: int) -> List[str]:
