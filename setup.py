@@ -21,6 +21,7 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
+        # core/*.pyx for `include`; includes/*.pxd (C APIs: atomics) for `from includes.x cimport`
         include_path=["fastproxy"],
         compiler_directives={
             "language_level": 3,

@@ -5,6 +5,7 @@ One extension module made of the parts in fastproxy/core/, included in dependenc
 order (the way uvloop's loop.pyx includes its parts)."""
 
 include "core/common.pyx"
+include "core/zones.pyx"
 include "core/metrics.pyx"
 include "core/decl.pxi"
 include "core/router.pyx"

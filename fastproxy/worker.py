@@ -68,15 +68,15 @@ class Worker:
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.core = _core.WorkerCore(
-            self.loop, runtime, ctx.route_ids, ctx.upstream_ids, ctx.region.buffer,
-            ctx.counter_slot, self.loop.stop, log)
+            self.loop, runtime, ctx.route_ids, ctx.upstream_ids,
+            ctx.metrics.writer(ctx.counter_slot), self.loop.stop, log)
         for listener, sock in zip(runtime.listeners, ctx.listen_sockets):
             self.servers.append(self.loop.run_until_complete(
                 self.loop.create_server(self.core.protocol_factory, sock=sock,
                                         backlog=listener.backlog)))
         if ctx.admin_socket is not None:
             self.admin = self.loop.run_until_complete(
-                start_admin(self.loop, ctx.admin_socket, ctx.region))
+                start_admin(self.loop, ctx.admin_socket, ctx.metrics))
         self.loop.add_signal_handler(signal.SIGQUIT, self.drain)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.loop.add_signal_handler(signal.SIGINT, self.stop)

@@ -1,87 +1,28 @@
-"""The shared region, its Cython writer, the reader and the admin endpoint, with real processes.
+"""The metrics zone, its Cython writer, the reader and the admin endpoint, with real processes.
 
 The writer under test is the real fastproxy/core/metrics.pyx, compiled into a scratch module
-that includes it (as _core.pyx does) plus thin def wrappers, since its methods are cdef.
+that includes it (as _core.pyx does) plus thin def wrappers, since its methods are cdef
+(tests/harness/zone_probe.py).
 """
 import asyncio
-import importlib.util
 import json
 import math
+import mmap
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 import traceback
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import requests
 
-from fastproxy.shm import RegionFull, SharedRegion, WORKER_DRAINING, layout as L
+from harness import zone_probe
+
+from fastproxy.shm import METRICS_ZONE, WORKER_DRAINING, MetricsZone, Zone, ZoneFull, ZoneSpec, layout as L
 from fastproxy.shm.reader import render_prometheus, status
-
-REPO = Path(__file__).resolve().parents[1]
-
-PROBE_PYX = textwrap.dedent('''
-    include "core/metrics.pyx"
-
-    def open_metrics_writer(buffer, int counter_slot):
-        return MetricsWriter.new(buffer, counter_slot)
-
-    def request_done(MetricsWriter w, int route, int status, double seconds,
-                     uint64_t bytes_in, uint64_t bytes_out):
-        w.request_done(route, status, seconds, bytes_in, bytes_out)
-
-    def upstream_request(MetricsWriter w, int upstream):
-        w.upstream_request(upstream)
-
-    def upstream_error(MetricsWriter w, int upstream, int kind):
-        w.upstream_error(upstream, kind)
-
-    def connection_opened(MetricsWriter w):
-        w.connection_opened()
-
-    def connection_closed(MetricsWriter w):
-        w.connection_closed()
-
-    def hammer(MetricsWriter w, long n, int route, int upstream, seconds):
-        """n requests on one connection, counted as a worker does; n < 0 runs until killed.
-
-        Request i has status class 1 + i % 5, duration seconds[i % 12], upstream error kind
-        i % 3, 100 bytes in and 1000 out.
-        """
-        cdef double table[12]
-        cdef long i = 0
-        for i in range(12):
-            table[i] = seconds[i]
-        i = 0
-        w.connection_opened()
-        while n < 0 or i < n:
-            w.upstream_request(upstream)
-            w.request_done(route, 100 * (1 + i % 5), table[i % 12], 100, 1000)
-            w.upstream_error(upstream, i % 3)
-            i += 1
-        w.connection_closed()
-''')
-
-BUILD = textwrap.dedent('''
-    import sys
-    from Cython.Build import cythonize
-    from setuptools import Extension, setup
-    sys.argv[1:] = ["build_ext", "--inplace", "--quiet"]
-    setup(ext_modules=cythonize(
-        [Extension("metrics_probe", ["metrics_probe.pyx"], extra_compile_args=["-O2"])],
-        include_path=[{include!r}],
-        compiler_directives={{"language_level": 3, "boundscheck": False, "wraparound": False,
-                              "cdivision": True}},
-        quiet=True,
-    ))
-''')
 
 # One duration per histogram bucket, the last beyond 10 s.
 SECONDS = (0.001, 0.007, 0.02, 0.04, 0.07, 0.2, 0.3, 0.7, 2.0, 3.0, 7.0, 12.0)
@@ -91,18 +32,17 @@ LONG_N = 20_000_000
 
 @pytest.fixture(scope="session")
 def probe(tmp_path_factory):
-    pytest.importorskip("Cython", reason="cython is needed to build fastproxy/core/metrics.pyx")
-    build_dir = tmp_path_factory.mktemp("metrics_probe")
-    (build_dir / "metrics_probe.pyx").write_text(PROBE_PYX)
-    script = BUILD.format(include=str(REPO / "fastproxy"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=build_dir,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (so,) = build_dir.glob("metrics_probe*.so")
-    spec = importlib.util.spec_from_file_location("metrics_probe", so)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    pytest.importorskip("Cython", reason="cython is needed to build the zone accessors")
+    return zone_probe.build(tmp_path_factory.mktemp("zone_probe"))
+
+
+def new_metrics() -> MetricsZone:
+    """A metrics zone as the master makes it before its first fork."""
+    return MetricsZone.create(Zone(METRICS_ZONE))
+
+
+def open_writer(probe, metrics, slot):
+    return probe.open_metrics_writer(metrics.buffer, L.LAYOUT_VERSION, L.COUNTER_SLOTS_GEOMETRY, slot)
 
 
 # --- process helpers ---
@@ -127,27 +67,23 @@ def wait_ok(pid: int) -> None:
     assert os.waitstatus_to_exitcode(code) == 0
 
 
-def start_hammer(probe, region, n, route, upstream, worker_slot=0, generation=1):
+def start_hammer(probe, metrics, n, route, upstream, worker_slot=0, generation=1):
     """Fork a worker the way the master does: counter slot first, then fork, then record it."""
-    slot = region.assign_counter_slot()
+    slot = metrics.assign_counter_slot()
 
     def work():
-        probe.hammer(probe.open_metrics_writer(region.buffer, slot), n, route, upstream, SECONDS)
+        probe.hammer(open_writer(probe, metrics, slot), n, route, upstream, SECONDS)
 
     pid = fork(work)
-    region.add_worker(pid, worker_slot, generation, slot)
+    metrics.add_worker(pid, worker_slot, generation, slot)
     return pid, slot
 
 
-def slot_requests(region, slot, route):
-    """Requests one slot has counted for a route (sum of its status classes)."""
-    base = L.counter_slot_word(slot) + L.route_block_word(route) + L.R_STATUS
-    return sum(region.words[base:base + L.STATUS_CLASSES])
-
-
-def slot_histogram_count(region, slot, route):
-    base = L.counter_slot_word(slot) + L.route_block_word(route) + L.R_BUCKETS
-    return sum(region.words[base:base + L.BUCKET_COUNT])
+def slot_route(metrics, slot, route):
+    """(requests, histogram count) one slot has counted for a route."""
+    _, routes, _ = metrics.slots.totals(slot, slot + 1, route + 1, 0)
+    classes, buckets, _ = routes[route]
+    return sum(classes), sum(buckets)
 
 
 def expected_for(n):
@@ -220,65 +156,75 @@ def metric(samples, name, **labels):
     return samples[(name, tuple(labels.items()))]
 
 
+def requests_by_route(samples):
+    totals = defaultdict(int)
+    for (name, labels), value in samples.items():
+        if name == "fastproxy_requests_total":
+            totals[dict(labels)["route"]] += value
+    return totals
+
+
 # --- tests ---
 
-def test_cython_constants_match_layout(probe):
-    assert probe.metrics_layout_constants() == L.mirrored_constants()
-
-
-def test_layout_sections_are_ordered_aligned_and_fit():
+def test_layout_sections_are_ordered_aligned_and_fit(probe):
     sections = [
-        (L.HEADER_OFFSET, L.HEADER_SIZE),
+        (0, L.ZONE_HEADER_SIZE),
         (L.MASTER_OFFSET, L.MASTER_SIZE),
+        (L.CONFIG_PATH_OFFSET, L.CONFIG_PATH_SIZE),
         (L.ROUTE_NAMES_OFFSET, L.MAX_ROUTES * L.NAME_SIZE),
         (L.UPSTREAM_NAMES_OFFSET, L.MAX_UPSTREAMS * L.NAME_SIZE),
         (L.WORKERS_OFFSET, L.MAX_WORKERS * L.WORKER_ENTRY_SIZE),
-        (L.SLOT_TABLE_OFFSET, L.MAX_COUNTER_SLOTS * L.WORD),
-        (L.COUNTERS_OFFSET, L.MAX_COUNTER_SLOTS * L.COUNTER_SLOT_SIZE),
+        (L.SLOT_TABLE_OFFSET, L.COUNTER_SLOTS * L.WORD),
+        (L.COUNTERS_OFFSET, L.COUNTER_SLOTS * L.COUNTER_SLOT_SIZE),
     ]
     end = 0
     for offset, size in sections:
-        assert offset == end and offset % L.WORD == 0
+        assert offset >= end and offset % L.WORD == 0
         end = offset + size
-    assert end == L.TOTAL_SIZE
-    assert L.H_SLOTS_HIGH * L.WORD < L.HEADER_SIZE
-    assert L.W_COUNTER_SLOT * L.WORD < L.WORKER_ENTRY_SIZE
-    assert L.route_block_word(L.MAX_ROUTES) == L.SLOT_WORDS
-    assert L.COUNTER_SLOT_SIZE % L.CACHE_LINE == 0
+    assert end == L.TOTAL_SIZE == METRICS_ZONE.size
+    assert L.COUNTERS_OFFSET % L.CACHE_LINE == 0 and L.COUNTER_SLOT_SIZE % L.CACHE_LINE == 0
+    # The writer's own idea of a slot is what the layout reserved.
+    metrics = new_metrics()
+    assert metrics.slots.slot_size == L.COUNTER_SLOT_SIZE
+    assert open_writer(probe, metrics, 3).counter_slot == 3
 
 
-def test_region_header_and_reserved_route():
-    region = SharedRegion.create()
-    assert len(region.buffer) == L.TOTAL_SIZE
-    assert region.words[L.header_word(L.H_MAGIC)] == L.MAGIC
-    assert region.words[L.header_word(L.H_VERSION)] == L.LAYOUT_VERSION
-    assert region.route_names() == (L.UNROUTED_NAME,)
-    assert SharedRegion(region.buffer).route_names() == (L.UNROUTED_NAME,)
-    import mmap
-    with pytest.raises(ValueError, match="not a fastproxy shared region"):
-        SharedRegion(mmap.mmap(-1, L.TOTAL_SIZE))
+def test_zone_header_and_reserved_names():
+    metrics = new_metrics()
+    assert len(metrics.buffer) == L.TOTAL_SIZE
+    assert metrics.access.version == L.LAYOUT_VERSION and metrics.access.size == L.TOTAL_SIZE
+    assert metrics.route_names() == {0: "_unrouted", 1: "_retired"}
+    assert metrics.upstream_names() == {0: "_retired"}
+    assert MetricsZone(metrics.zone).route_names() == {0: "_unrouted", 1: "_retired"}
+    with pytest.raises(ValueError, match="not a metrics zone"):
+        MetricsZone(Zone(ZoneSpec("metrics", L.TOTAL_SIZE, L.LAYOUT_VERSION + 1, "core")))
 
 
 def test_writer_refuses_foreign_buffer_and_bad_slot(probe):
-    region = SharedRegion.create()
-    with pytest.raises(ValueError, match="not a fastproxy shared region"):
-        probe.open_metrics_writer(bytearray(L.TOTAL_SIZE), 0)
+    metrics = new_metrics()
+    with pytest.raises(ValueError, match="not a fastproxy zone of layout version"):
+        probe.open_metrics_writer(mmap.mmap(-1, L.TOTAL_SIZE), L.LAYOUT_VERSION,
+                                  L.COUNTER_SLOTS_GEOMETRY, 0)
+    with pytest.raises(ValueError, match="not a fastproxy zone of layout version"):
+        probe.open_metrics_writer(metrics.buffer, L.LAYOUT_VERSION + 1, L.COUNTER_SLOTS_GEOMETRY, 0)
     with pytest.raises(ValueError, match="out of range"):
-        probe.open_metrics_writer(region.buffer, L.MAX_COUNTER_SLOTS)
-    assert probe.open_metrics_writer(region.buffer, 3).counter_slot == 3
+        open_writer(probe, metrics, L.COUNTER_SLOTS)
+    with pytest.raises(ValueError, match="do not fit"):
+        probe.open_metrics_writer(metrics.buffer, L.LAYOUT_VERSION,
+                                  (L.COUNTERS_OFFSET, L.COUNTER_SLOTS + 1, L.MAX_ROUTES, L.MAX_UPSTREAMS), 0)
 
 
 def test_forked_workers_count_exactly(probe):
-    region = SharedRegion.create()
-    region.set_master_info(os.getpid(), 1, "/etc/fastproxy/fastproxy.toml")
-    api, static = region.register_routes(["api", "static"])
-    (app,) = region.register_upstreams(["app"])
-    workers = [start_hammer(probe, region, N, (api, static)[i % 2], app, worker_slot=i)
+    metrics = new_metrics()
+    metrics.set_master_info(os.getpid(), 1, "/etc/fastproxy/fastproxy.toml")
+    api, static = metrics.register_routes(["api", "static"])
+    (app,) = metrics.register_upstreams(["app"])
+    workers = [start_hammer(probe, metrics, N, (api, static)[i % 2], app, worker_slot=i)
                for i in range(4)]
     for pid, _ in workers:
         wait_ok(pid)
 
-    samples = parse_exposition(render_prometheus(region).decode())
+    samples = parse_exposition(render_prometheus(metrics).decode())
     classes, buckets, kinds, sum_us = expected_for(N)
     for route in ("api", "static"):
         for c in range(5):
@@ -294,6 +240,7 @@ def test_forked_workers_count_exactly(probe):
         assert metric(samples, "fastproxy_request_duration_seconds_sum", route=route) \
             == 2 * sum_us / 1e6
     assert metric(samples, "fastproxy_requests_total", route="_unrouted", code="2xx") == 0
+    assert metric(samples, "fastproxy_requests_total", route="_retired", code="2xx") == 0
     assert metric(samples, "fastproxy_bytes_received_total") == 4 * N * 100
     assert metric(samples, "fastproxy_bytes_sent_total") == 4 * N * 1000
     assert metric(samples, "fastproxy_upstream_requests_total", upstream="app") == 4 * N
@@ -307,52 +254,48 @@ def test_forked_workers_count_exactly(probe):
 
 
 def test_sigkilled_worker_wedges_nobody_and_keeps_its_counts(probe):
-    region = SharedRegion.create()
-    (route,) = region.register_routes(["api"])
-    (app,) = region.register_upstreams(["app"])
+    metrics = new_metrics()
+    (route,) = metrics.register_routes(["api"])
+    (app,) = metrics.register_upstreams(["app"])
     # The survivors count long enough (~0.3 s) to be mid-hammering when the victim dies.
-    survivors = [start_hammer(probe, region, LONG_N, route, app, worker_slot=i) for i in range(2)]
-    victim, victim_slot = start_hammer(probe, region, -1, route, app, worker_slot=2)
+    survivors = [start_hammer(probe, metrics, LONG_N, route, app, worker_slot=i) for i in range(2)]
+    victim, victim_slot = start_hammer(probe, metrics, -1, route, app, worker_slot=2)
 
-    while slot_requests(region, victim_slot, route) < 50_000:
+    while slot_route(metrics, victim_slot, route)[0] < 50_000:
         time.sleep(0.01)
     os.kill(victim, signal.SIGKILL)
-    render_prometheus(region)  # reading while the others still write, and after a death
+    render_prometheus(metrics)  # reading while the others still write, and after a death
     _, code = os.waitpid(victim, 0)
     assert os.WIFSIGNALED(code) and os.WTERMSIG(code) == signal.SIGKILL
     for pid, _ in survivors:
         wait_ok(pid)
 
     # Killed between two stores of one request at worst: one request off between families.
-    killed = slot_requests(region, victim_slot, route)
-    assert abs(slot_histogram_count(region, victim_slot, route) - killed) <= 1
-    samples = parse_exposition(render_prometheus(region).decode())
+    killed, killed_histogram = slot_route(metrics, victim_slot, route)
+    assert abs(killed_histogram - killed) <= 1
+    samples = parse_exposition(render_prometheus(metrics).decode())
     assert metric(samples, "fastproxy_active_connections") == 1  # the victim's open connection
 
-    assert region.remove_worker(victim) == victim_slot
-    assert [w["pid"] for w in status(region)["workers"]] == [pid for pid, _ in survivors]
-    samples = parse_exposition(render_prometheus(region).decode())
+    assert metrics.remove_worker(victim) == victim_slot
+    assert [w["pid"] for w in status(metrics)["workers"]] == [pid for pid, _ in survivors]
+    samples = parse_exposition(render_prometheus(metrics).decode())
     assert metric(samples, "fastproxy_active_connections") == 0
-    total = sum(metric(samples, "fastproxy_requests_total", route="api", code=f"{c}xx")
-                for c in range(1, 6))
-    assert total == 2 * LONG_N + killed
+    assert requests_by_route(samples)["api"] == 2 * LONG_N + killed
 
     # The master hands the freed slot to the replacement, which keeps adding.
-    replacement, slot = start_hammer(probe, region, N, route, app, worker_slot=2, generation=2)
+    replacement, slot = start_hammer(probe, metrics, N, route, app, worker_slot=2, generation=2)
     assert slot == victim_slot
     wait_ok(replacement)
-    samples = parse_exposition(render_prometheus(region).decode())
-    total = sum(metric(samples, "fastproxy_requests_total", route="api", code=f"{c}xx")
-                for c in range(1, 6))
-    assert total == 2 * LONG_N + N + killed
+    samples = parse_exposition(render_prometheus(metrics).decode())
+    assert requests_by_route(samples)["api"] == 2 * LONG_N + N + killed
     assert metric(samples, "fastproxy_connections_accepted_total") == 4
 
 
 def test_request_done_edge_cases(probe):
-    region = SharedRegion.create()
-    (api,) = region.register_routes(["api"])
-    (app,) = region.register_upstreams(["app"])
-    w = probe.open_metrics_writer(region.buffer, region.assign_counter_slot())
+    metrics = new_metrics()
+    (api,) = metrics.register_routes(["api"])
+    (app,) = metrics.register_upstreams(["app"])
+    w = open_writer(probe, metrics, metrics.assign_counter_slot())
     probe.request_done(w, -1, 404, 0.005, 1, 2)  # no route; exactly on a bucket bound
     probe.request_done(w, api, 0, float("nan"), 0, 0)  # client left before a status
     probe.request_done(w, api, 999, -1.0, 0, 0)
@@ -361,7 +304,7 @@ def test_request_done_edge_cases(probe):
     probe.upstream_error(w, app, 3)  # unknown kind: ignored
     probe.upstream_error(w, app, 2)
     probe.connection_closed(w)  # never below zero
-    samples = parse_exposition(render_prometheus(region).decode())
+    samples = parse_exposition(render_prometheus(metrics).decode())
     hist = "fastproxy_request_duration_seconds"
     assert metric(samples, "fastproxy_requests_total", route="_unrouted", code="4xx") == 1
     assert metric(samples, "fastproxy_requests_total", route="_unrouted", code="2xx") == 1
@@ -378,85 +321,161 @@ def test_request_done_edge_cases(probe):
     assert metric(samples, "fastproxy_active_connections") == 0
 
 
-def test_names_keep_their_index_across_reregistration(probe):
-    region = SharedRegion.create()
-    assert region.register_routes(["a", "b", "c"]) == (1, 2, 3)
-    assert region.register_upstreams(["x", "y"]) == (0, 1)
-    w = probe.open_metrics_writer(region.buffer, region.assign_counter_slot())
-    probe.request_done(w, 2, 200, 0.001, 0, 0)  # route "b"
+def test_names_keep_their_index_while_in_use_and_are_checked():
+    metrics = new_metrics()
+    assert metrics.register_routes(["a", "b", "c"]) == (2, 3, 4)
+    assert metrics.register_upstreams(["x", "y"]) == (1, 2)
+    # A reload with another route set: kept names keep their index, new ones take free ones.
+    assert metrics.register_routes(["c", "d", "a", "d"], in_use={2, 3, 4}) == (4, 5, 2, 5)
+    assert metrics.register_upstreams(["y", "z"], in_use={1, 2}) == (2, 3)
+    assert metrics.route_names() == {0: "_unrouted", 1: "_retired", 2: "a", 3: "b", 4: "c", 5: "d"}
 
-    # A reload with another route set: kept names keep their index, new ones append.
-    assert region.register_routes(["c", "d", "a", "d"]) == (3, 4, 1, 4)
-    assert region.register_upstreams(["y", "z"]) == (1, 2)
-    assert region.route_names() == ("_unrouted", "a", "b", "c", "d")
-    samples = parse_exposition(render_prometheus(region).decode())
-    assert metric(samples, "fastproxy_requests_total", route="b", code="2xx") == 1
-
+    for reserved in ("_unrouted", "_retired"):
+        with pytest.raises(ValueError, match="reserved"):
+            metrics.register_routes([reserved])
     with pytest.raises(ValueError, match="reserved"):
-        region.register_routes(["_unrouted"])
+        metrics.register_upstreams(["_retired"])
     with pytest.raises(ValueError, match="1 to 248 bytes"):
-        region.register_routes([""])
+        metrics.register_routes([""])
     with pytest.raises(ValueError, match="1 to 248 bytes"):
-        region.register_upstreams(["u" * 249])
-    room = L.MAX_ROUTES - len(region.route_names())
-    region.register_routes([f"r{i}" for i in range(room)])
-    with pytest.raises(RegionFull, match="at most 256 route names"):
-        region.register_routes(["a", "one-too-many"])
-    assert region.register_routes(["a", "r0"]) == (1, 5)  # known names still resolve
-    assert region.route_names()[-1] == f"r{room - 1}"
+        metrics.register_upstreams(["u" * 249])
+
+    # Full of names the live generations use: a clear error, and nothing changed.
+    room = L.MAX_ROUTES - 6
+    everything = set(range(L.MAX_ROUTES))
+    metrics.register_routes([f"r{i}" for i in range(room)], in_use=everything)
+    before = metrics.route_names()
+    with pytest.raises(ZoneFull, match="at most 256 route names in use at once"):
+        metrics.register_routes(["a", "one-too-many"], in_use=everything)
+    assert metrics.route_names() == before
+    assert metrics.register_routes(["a", "r0"], in_use=everything) == (2, 6)  # known names resolve
+
+
+def test_unused_names_are_reclaimed_least_recent_first_and_totals_stay_exact(probe):
+    metrics = new_metrics()
+    w = open_writer(probe, metrics, metrics.assign_counter_slot())
+    old = metrics.register_routes([f"old{i}" for i in range(L.MAX_ROUTES - 2)])
+    (up,) = metrics.register_upstreams(["up-old"])
+    for n, route in enumerate(old):
+        for _ in range(n % 3 + 1):
+            probe.request_done(w, route, 200, 0.02, 10, 20)
+    probe.upstream_request(w, up)
+    probe.upstream_error(w, up, 1)
+    counted = sum(n % 3 + 1 for n in range(len(old)))
+    # old0 .. old9 were registered again later: they are the most recently used.
+    metrics.register_routes([f"old{i}" for i in range(10)], in_use=old[:10])
+
+    # The next generation renames 20 routes while old0..old9 still run: the 20 least recently
+    # registered unused names go, their counts into "_retired".
+    new = metrics.register_routes([f"new{i}" for i in range(20)], in_use=old[:10])
+    reclaimed = set(old[10:30])
+    assert set(new) == reclaimed
+    names = metrics.route_names()
+    assert all(f"old{i}" not in names.values() for i in range(10, 30))
+    assert all(f"old{i}" in names.values() for i in list(range(10)) + list(range(30, len(old))))
+    samples = parse_exposition(render_prometheus(metrics).decode())
+    by_route = requests_by_route(samples)
+    assert by_route["_retired"] == sum(n % 3 + 1 for n in range(10, 30))
+    assert sum(by_route.values()) == counted
+    assert sum(v for (name, labels), v in samples.items()
+               if name == "fastproxy_request_duration_seconds_count") == counted
+    assert all(by_route[f"new{i}"] == 0 for i in range(20))  # a reclaimed index starts at zero
+    probe.request_done(w, new[0], 500, 0.02, 0, 0)
+    samples = parse_exposition(render_prometheus(metrics).decode())
+    assert metric(samples, "fastproxy_requests_total", route="new0", code="5xx") == 1
+
+    # Upstreams alike: filling the table takes the one unused name's index (the lowest free).
+    metrics.register_upstreams([f"up{i}" for i in range(L.MAX_UPSTREAMS - 1)])
+    assert metrics.upstream_names()[up] == "up0"
+    samples = parse_exposition(render_prometheus(metrics).decode())
+    assert metric(samples, "fastproxy_upstream_requests_total", upstream="_retired") == 1
+    assert metric(samples, "fastproxy_upstream_errors_total", upstream="_retired", kind="reset") == 1
+    assert metric(samples, "fastproxy_upstream_requests_total", upstream="up0") == 0
+
+
+def test_readers_never_see_a_reclaim_half_done(probe):
+    """A scrape overlapping a reclaim would miss the folded requests (or count them twice):
+    the seqlock makes each scrape see a reclaim wholly or not at all, so the total over all
+    routes, "_retired" included, never goes down."""
+    metrics = new_metrics()
+    w = open_writer(probe, metrics, metrics.assign_counter_slot())
+    batch, cycles = 100, 500
+    fillers = set(metrics.register_routes([f"filler{i}" for i in range(L.MAX_ROUTES - 2 - batch)]))
+    routes = metrics.register_routes([f"gen0-{i}" for i in range(batch)])
+    ready_r, ready_w = os.pipe()
+
+    def scrape():
+        os.write(ready_w, b"!")
+        last = 0
+        while last < batch * cycles:
+            names, _, _ = metrics.snapshot()
+            total = sum(sum(classes) for _, (classes, _, _) in names)
+            assert total >= last, f"a scrape went back from {last} to {total}"
+            last = total
+
+    reader = fork(scrape)
+    assert os.read(ready_r, 1) == b"!"
+    for n in range(1, cycles + 1):
+        for route in routes:  # the worker of generation n - 1
+            probe.request_done(w, route, 200, 0.001, 0, 0)
+        # generation n - 1 has drained: the fillers' generation is the only one left
+        routes = metrics.register_routes([f"gen{n}-{i}" for i in range(batch)], in_use=fillers)
+    wait_ok(reader)
+    samples = parse_exposition(render_prometheus(metrics).decode())
+    assert requests_by_route(samples)["_retired"] == batch * cycles
 
 
 def test_label_values_are_escaped(probe):
-    region = SharedRegion.create()
+    metrics = new_metrics()
     weird = 'we"ird\\route\nnext café'
-    (route,) = region.register_routes([weird])
-    region.register_upstreams(['up"stream'])
-    w = probe.open_metrics_writer(region.buffer, region.assign_counter_slot())
+    (route,) = metrics.register_routes([weird])
+    metrics.register_upstreams(['up"stream'])
+    w = open_writer(probe, metrics, metrics.assign_counter_slot())
     probe.request_done(w, route, 301, 0.2, 0, 0)
-    text = render_prometheus(region).decode()
+    text = render_prometheus(metrics).decode()
     assert 'route="we\\"ird\\\\route\\nnext café"' in text
     samples = parse_exposition(text)
     assert metric(samples, "fastproxy_requests_total", route=weird, code="3xx") == 1
     assert metric(samples, "fastproxy_upstream_requests_total", upstream='up"stream') == 0
 
 
-def test_counter_slots_and_worker_table():
-    region = SharedRegion.create()
-    region.set_master_info(4242, 7, "/etc/fastproxy.toml")
-    slots = [region.assign_counter_slot() for _ in range(L.MAX_COUNTER_SLOTS)]
-    assert slots == list(range(L.MAX_COUNTER_SLOTS))
-    with pytest.raises(RegionFull, match="counter slots"):
-        region.assign_counter_slot()
-    region.release_counter_slot(5)
-    assert region.assign_counter_slot() == 5
+def test_counter_slots_and_worker_table(probe):
+    metrics = new_metrics()
+    metrics.set_master_info(4242, 7, "/etc/fastproxy.toml")
+    slots = [metrics.assign_counter_slot() for _ in range(L.COUNTER_SLOTS - 1)]
+    assert slots == list(range(1, L.COUNTER_SLOTS))  # slot 0 is the master's
+    with pytest.raises(ZoneFull, match="counter slots"):
+        metrics.assign_counter_slot()
+    metrics.release_counter_slot(5)
+    assert metrics.assign_counter_slot() == 5
 
-    region.add_worker(1001, 0, 7, 5)
-    region.add_worker(1002, 1, 7, 9)
-    region.words[L.counter_slot_word(9) + L.C_ACTIVE_CONNECTIONS] = 3  # as worker 1002 would
-    region.set_worker_state(1001, WORKER_DRAINING)
+    metrics.add_worker(1001, 0, 7, 5)
+    metrics.add_worker(1002, 1, 7, 9)
+    probe.connection_opened(open_writer(probe, metrics, 9))  # as worker 1002 would
+    metrics.set_worker_state(1001, WORKER_DRAINING)
     with pytest.raises(KeyError):
-        region.set_worker_state(999, WORKER_DRAINING)
-    doc = status(region)
+        metrics.set_worker_state(999, WORKER_DRAINING)
+    doc = status(metrics)
     assert doc["master_pid"] == 4242 and doc["generation"] == 7
     assert doc["config_path"] == "/etc/fastproxy.toml"
     assert 0 <= doc["uptime_seconds"] < 3600
     assert [(w["pid"], w["slot"], w["generation"], w["state"], w["connections"])
-            for w in doc["workers"]] == [(1001, 0, 7, "draining", 0), (1002, 1, 7, "running", 3)]
-    samples = parse_exposition(render_prometheus(region).decode())
+            for w in doc["workers"]] == [(1001, 0, 7, "draining", 0), (1002, 1, 7, "running", 1)]
+    samples = parse_exposition(render_prometheus(metrics).decode())
     assert metric(samples, "fastproxy_workers", state="running") == 1
     assert metric(samples, "fastproxy_workers", state="draining") == 1
     assert metric(samples, "fastproxy_start_time_seconds") == doc["started"]
 
-    assert region.remove_worker(1002) == 9
-    assert region.remove_worker(1002) is None
-    assert region.words[L.counter_slot_word(9) + L.C_ACTIVE_CONNECTIONS] == 0
-    assert region.assign_counter_slot() == 9
-    assert [w["pid"] for w in status(region)["workers"]] == [1001]
+    assert metrics.remove_worker(1002) == 9
+    assert metrics.remove_worker(1002) is None
+    assert metrics.slots.active_connections(9) == 0
+    assert metrics.assign_counter_slot() == 9
+    assert [w["pid"] for w in status(metrics)["workers"]] == [1001]
 
 
 # --- the admin endpoint, served by forked workers on one inherited socket ---
 
-def serve_admin(sock, region, ready_fd):
+def serve_admin(sock, metrics, ready_fd):
     """A worker's admin side: uvloop and start_admin; SIGUSR1 closes the admin server (as a
     draining worker does) and SIGTERM also stops the loop. Writes a byte to ready_fd once the
     signal handlers are in place."""
@@ -465,7 +484,7 @@ def serve_admin(sock, region, ready_fd):
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    admin = loop.run_until_complete(start_admin(loop, sock, region))
+    admin = loop.run_until_complete(start_admin(loop, sock, metrics))
 
     def stop():
         admin.close()
@@ -479,23 +498,23 @@ def serve_admin(sock, region, ready_fd):
 
 @pytest.fixture
 def admin(probe):
-    """A region with known counts and two workers serving it on one admin socket."""
-    region = SharedRegion.create()
-    region.set_master_info(os.getpid(), 3, "/etc/fastproxy.toml")
-    (api,) = region.register_routes(["api"])
-    slot = region.assign_counter_slot()
-    w = probe.open_metrics_writer(region.buffer, slot)
+    """A metrics zone with known counts and two workers serving it on one admin socket."""
+    metrics = new_metrics()
+    metrics.set_master_info(os.getpid(), 3, "/etc/fastproxy.toml")
+    (api,) = metrics.register_routes(["api"])
+    slot = metrics.assign_counter_slot()
+    w = open_writer(probe, metrics, slot)
     for status_code in (200, 200, 502):
         probe.request_done(w, api, status_code, 0.01, 10, 20)
     sock = socket.create_server(("127.0.0.1", 0))
     ready_r, ready_w = os.pipe()
-    pids = [fork(lambda: serve_admin(sock, region, ready_w)) for _ in range(2)]
+    pids = [fork(lambda: serve_admin(sock, metrics, ready_w)) for _ in range(2)]
     for _ in pids:
         assert os.read(ready_r, 1) == b"!"
     os.close(ready_r)
     os.close(ready_w)
     for worker_slot, pid in enumerate(pids):
-        region.add_worker(pid, worker_slot, 3, slot)
+        metrics.add_worker(pid, worker_slot, 3, slot)
     yield sock.getsockname()[1], pids
     for pid in pids:
         os.kill(pid, signal.SIGTERM)

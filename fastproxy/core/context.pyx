@@ -65,7 +65,7 @@ cdef class WorkerCore:
     cdef double next_trim         # monotonic time before which the heap is not trimmed
     cdef Py_ssize_t trims
 
-    def __init__(self, loop, runtime, route_ids, upstream_ids, metrics_buffer, int counter_slot,
+    def __init__(self, loop, runtime, route_ids, upstream_ids, MetricsWriter metrics,
                  on_drained, error_logger):
         main = runtime.main
         self.loop = loop
@@ -75,7 +75,7 @@ cdef class WorkerCore:
         self.ids = RequestIds()
         self.head_writer = ByteWriter(4096)
         self.read_view = memoryview(bytearray(BODY_READ_MAX))
-        self.metrics = MetricsWriter.new(metrics_buffer, counter_slot)
+        self.metrics = metrics
         self.max_uri_size = main.max_uri_size
         self.max_header_size = max([main.max_header_size] + [r.max_header_size for r in runtime.routes])
         self.client_header_timeout = main.client_header_timeout

@@ -1,108 +1,243 @@
-# Request metrics, hot-path side: MetricsWriter adds to this worker's counter slot of the
-# shared region that the master mapped before forking (fastproxy/shm/). Included by _core.pyx.
+# Request metrics, runtime side: the counter slots of the metrics zone. The zone's other
+# sections (names, worker table, master info) and the master's side are in
+# fastproxy/shm/metrics.py; where the slots sit in the zone, and for how many routes and
+# upstreams, the master computes (fastproxy/shm/layout.py) and passes in. Included by _core.pyx
+# after zones.pyx.
 #
-# Concurrency rule: the master assigns each worker one counter slot at fork, and that worker is
-# the slot's only writer while it lives, so an increment is a relaxed load, an add and a relaxed
-# store: exact without locks or atomic read-modify-write, and never torn for a reader in another
-# process (aligned 64-bit stores). Readers (fastproxy/shm/reader.py) sum every slot. Counters are
-# cumulative; the master zeroes only the active-connections gauge, after it has reaped the owner.
+# A counter slot is GlobalCounters, then UpstreamCounters for every upstream index, then
+# RouteCounters for every route index, padded to a cache line.
 #
-# The layout constants below mirror fastproxy/shm/layout.py, the one place that defines them;
-# metrics_layout_constants() exposes them so a test can compare the two.
+# Concurrency rule: the master gives each worker one counter slot at fork, and that worker is
+# the only writer of the slot's records while the indexes they belong to are in use, so an
+# increment is a relaxed load, an add and a relaxed store: exact without locks or atomic
+# read-modify-write, and never torn for a reader in another process (aligned 64-bit words).
+# Readers sum every slot under the zone's seqlock. The master writes a slot's words in two cases
+# only, each when no worker writes them: it zeroes the active-connections gauge of a slot whose
+# owner it reaped, and it folds the records of a route or upstream index that no live
+# generation uses into the "_retired" records of its own slot, under the seqlock, before giving
+# the index to another name.
 
 cimport cython
 from libc.stdint cimport uint64_t
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+
+from includes.atomic cimport fp_load_relaxed, fp_store_relaxed
 
 cdef extern from *:
     """
-    static const uint64_t fp_shm_magic = 0x7978727074736166ULL;  /* "fastprxy" little-endian */
-    static const double fp_shm_duration_bounds[11] = {
+    static const double fp_duration_bounds[11] = {
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
-    /* Relaxed atomics compile to plain aligned moves on x86-64 and arm64; they make the
-       single-writer load/add/store well defined while other processes read the word. */
-    static inline uint64_t fp_shm_load(const uint64_t *p) {
-        return __atomic_load_n(p, __ATOMIC_RELAXED);
-    }
-    static inline void fp_shm_store(uint64_t *p, uint64_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELAXED);
-    }
     """
-    const uint64_t fp_shm_magic
-    const double fp_shm_duration_bounds[11]
-    uint64_t fp_shm_load(const uint64_t *p) nogil
-    void fp_shm_store(uint64_t *p, uint64_t v) nogil
+    const double fp_duration_bounds[11]
 
 cdef enum:
-    SHM_LAYOUT_VERSION = 1
-    SHM_TOTAL_SIZE = 5080768
-    SHM_MAX_ROUTES = 256
-    SHM_MAX_UPSTREAMS = 64
-    SHM_MAX_COUNTER_SLOTS = 128
-    SHM_H_MAGIC = 0
-    SHM_H_VERSION = 1
-    SHM_H_TOTAL_SIZE = 2
-    SHM_COUNTERS_OFFSET = 91840
-    SHM_COUNTER_SLOT_SIZE = 38976
-    # word indexes inside a counter slot
-    SHM_C_BYTES_IN = 0
-    SHM_C_BYTES_OUT = 1
-    SHM_C_CONNECTIONS_ACCEPTED = 2
-    SHM_C_ACTIVE_CONNECTIONS = 3
-    SHM_SLOT_UPSTREAMS_WORD = 8
-    SHM_U_REQUESTS = 0
-    SHM_U_ERRORS = 1
-    SHM_UPSTREAM_WORDS = 4
-    SHM_SLOT_ROUTES_WORD = SHM_SLOT_UPSTREAMS_WORD + SHM_MAX_UPSTREAMS * SHM_UPSTREAM_WORDS
-    SHM_R_STATUS = 0
-    SHM_R_BUCKETS = 5
-    SHM_FINITE_BUCKETS = 11
-    SHM_R_DURATION_SUM_US = SHM_R_BUCKETS + SHM_FINITE_BUCKETS + 1
-    SHM_ROUTE_WORDS = SHM_R_DURATION_SUM_US + 1
-    SHM_UNROUTED_ROUTE = 0
+    METRICS_STATUS_CLASSES = 5  # 1xx .. 5xx
+    METRICS_FINITE_BUCKETS = 11  # entries of fp_duration_bounds
+    METRICS_BUCKETS = METRICS_FINITE_BUCKETS + 1  # and +Inf
+    METRICS_UNROUTED_ROUTE = 0  # the route index of requests that matched no route
+    METRICS_SLOT_ALIGN = 64  # a cache line: two workers never write the same line
 
 cdef enum UpstreamErrorKind:
     UPSTREAM_CONNECT = 0  # connect failed or refused
     UPSTREAM_RESET = 1  # reset or closed before a full response
     UPSTREAM_TIMEOUT = 2
 
+cdef enum:
+    UPSTREAM_ERROR_KINDS = UPSTREAM_TIMEOUT + 1
 
-cdef inline void _shm_add(uint64_t *word, uint64_t n) noexcept nogil:
-    fp_shm_store(word, fp_shm_load(word) + n)
+ctypedef struct GlobalCounters:
+    uint64_t bytes_in  # received from clients
+    uint64_t bytes_out  # sent to clients
+    uint64_t connections_accepted
+    uint64_t active_connections  # a gauge: zeroed by the master when it reaps the owner
+    uint64_t reserved[4]
+
+ctypedef struct UpstreamCounters:
+    uint64_t requests
+    uint64_t errors[UPSTREAM_ERROR_KINDS]  # by UpstreamErrorKind
+
+ctypedef struct RouteCounters:
+    uint64_t status[METRICS_STATUS_CLASSES]
+    # One count per bucket, not cumulative (one store per request); the reader accumulates.
+    uint64_t buckets[METRICS_BUCKETS]
+    uint64_t duration_sum_us
+
+# For the reader's labels: what the bucket bounds and error kinds are.
+DURATION_BUCKETS = tuple([fp_duration_bounds[i] for i in range(METRICS_FINITE_BUCKETS)])
+UPSTREAM_ERROR_KIND_NAMES = ("connect", "reset", "timeout")  # by UpstreamErrorKind
+UNROUTED_ROUTE = METRICS_UNROUTED_ROUTE
+
+
+cdef inline void _counter_add(uint64_t *word, uint64_t n) noexcept nogil:
+    fp_store_relaxed(word, fp_load_relaxed(word) + n)
+
+
+cdef inline void _sum_words(uint64_t *into, uint64_t *words, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        into[k] += fp_load_relaxed(words + k)
+
+
+cdef inline void _move_words(uint64_t *into, uint64_t *words, Py_ssize_t n) noexcept nogil:
+    """Add `words` to `into` and zero them (single writer of both, see the rule above)."""
+    cdef Py_ssize_t k
+    cdef uint64_t v
+    for k in range(n):
+        v = fp_load_relaxed(words + k)
+        if v:
+            fp_store_relaxed(into + k, fp_load_relaxed(into + k) + v)
+            fp_store_relaxed(words + k, 0)
+
+
+cdef inline Py_ssize_t _slot_size(int max_routes, int max_upstreams) noexcept nogil:
+    cdef Py_ssize_t size = (sizeof(GlobalCounters) + max_upstreams * sizeof(UpstreamCounters)
+                            + max_routes * sizeof(RouteCounters))
+    return (size + METRICS_SLOT_ALIGN - 1) // METRICS_SLOT_ALIGN * METRICS_SLOT_ALIGN
+
+
+def metrics_slot_size(int max_routes, int max_upstreams):
+    """Bytes of one counter slot for that many route and upstream indexes."""
+    return _slot_size(max_routes, max_upstreams)
+
+
+@cython.final
+cdef class MetricsSlots:
+    """The counter slots of the metrics zone: `count` slots from byte `offset` of the zone,
+    each for `max_routes` route and `max_upstreams` upstream indexes."""
+    cdef ZoneAccess zone  # keeps the mapping alive
+    cdef char *first
+    cdef readonly Py_ssize_t slot_size
+    cdef readonly int count, max_routes, max_upstreams
+
+    def __cinit__(self, ZoneAccess zone, Py_ssize_t offset, int count, int max_routes,
+                  int max_upstreams):
+        if count < 1 or max_routes < 1 or max_upstreams < 1 or offset % METRICS_SLOT_ALIGN:
+            raise ValueError("counter slots need positive capacities and a 64-byte aligned offset")
+        self.slot_size = _slot_size(max_routes, max_upstreams)
+        if offset < <Py_ssize_t>sizeof(ZoneHeader) or offset + count * self.slot_size > zone.size:
+            raise ValueError(f"{count} counter slots of {self.slot_size} bytes from offset {offset} "
+                             f"do not fit in a zone of {zone.size} bytes")
+        self.zone = zone
+        self.first = zone.base + offset
+        self.count = count
+        self.max_routes = max_routes
+        self.max_upstreams = max_upstreams
+
+    cdef inline GlobalCounters *global_counters(self, int slot) noexcept nogil:
+        return <GlobalCounters *>(self.first + slot * self.slot_size)
+
+    cdef inline UpstreamCounters *upstream_counters(self, int slot) noexcept nogil:
+        return <UpstreamCounters *>(self.global_counters(slot) + 1)
+
+    cdef inline RouteCounters *route_counters(self, int slot) noexcept nogil:
+        return <RouteCounters *>(self.upstream_counters(slot) + self.max_upstreams)
+
+    cdef int check_slot(self, int slot) except -1:
+        if not 0 <= slot < self.count:
+            raise ValueError(f"counter slot {slot} out of range 0..{self.count - 1}")
+        return 0
+
+    def writer(self, int slot):
+        """The hot-path writer over one slot, for the worker the master gave it to."""
+        self.check_slot(slot)
+        return MetricsWriter.new(self, slot)
+
+    def active_connections(self, int slot):
+        self.check_slot(slot)
+        return fp_load_relaxed(&self.global_counters(slot).active_connections)
+
+    def clear_active_connections(self, int slot):
+        """The master, after reaping the slot's owner: its connections died with it."""
+        self.check_slot(slot)
+        fp_store_relaxed(&self.global_counters(slot).active_connections, 0)
+
+    def totals(self, int first, int stop, int routes, int upstreams):
+        """Counters summed over slots [first, stop), for route indexes [0, routes) and upstream
+        indexes [0, upstreams): (global, per route, per upstream), where global is
+        (bytes_in, bytes_out, connections_accepted, active_connections), a route is
+        (status classes, buckets, duration sum in µs) and an upstream (requests, errors by
+        kind). Call it between the zone's read_begin and read_retry."""
+        cdef GlobalCounters g
+        cdef UpstreamCounters *u
+        cdef RouteCounters *r
+        cdef int slot
+        if not (0 <= first <= stop <= self.count and 0 <= routes <= self.max_routes
+                and 0 <= upstreams <= self.max_upstreams):
+            raise ValueError("totals asked beyond the zone's capacities")
+        memset(&g, 0, sizeof(g))
+        u = <UpstreamCounters *>calloc(upstreams + 1, sizeof(UpstreamCounters))
+        r = <RouteCounters *>calloc(routes + 1, sizeof(RouteCounters))
+        try:
+            if u == NULL or r == NULL:
+                raise MemoryError()
+            with nogil:
+                for slot in range(first, stop):
+                    _sum_words(<uint64_t *>&g, <uint64_t *>self.global_counters(slot),
+                               sizeof(GlobalCounters) // sizeof(uint64_t))
+                    _sum_words(<uint64_t *>u, <uint64_t *>self.upstream_counters(slot),
+                               upstreams * sizeof(UpstreamCounters) // sizeof(uint64_t))
+                    _sum_words(<uint64_t *>r, <uint64_t *>self.route_counters(slot),
+                               routes * sizeof(RouteCounters) // sizeof(uint64_t))
+            return (
+                (g.bytes_in, g.bytes_out, g.connections_accepted, g.active_connections),
+                [(tuple(r[i].status), tuple(r[i].buckets), r[i].duration_sum_us)
+                 for i in range(routes)],
+                [(u[i].requests, tuple(u[i].errors)) for i in range(upstreams)],
+            )
+        finally:
+            free(u)
+            free(r)
+
+    def fold_route(self, int slots, int index, int into_slot, int into_index):
+        """Move route `index`'s counts in slots [0, slots) to route `into_index` of slot
+        `into_slot`. Only the master calls it, inside a seqlock write of the zone, for an
+        index no live worker writes."""
+        cdef int slot
+        self._check_fold(slots, index, into_slot, into_index, self.max_routes)
+        for slot in range(slots):
+            _move_words(<uint64_t *>(self.route_counters(into_slot) + into_index),
+                        <uint64_t *>(self.route_counters(slot) + index),
+                        sizeof(RouteCounters) // sizeof(uint64_t))
+
+    def fold_upstream(self, int slots, int index, int into_slot, int into_index):
+        """fold_route for an upstream index."""
+        cdef int slot
+        self._check_fold(slots, index, into_slot, into_index, self.max_upstreams)
+        for slot in range(slots):
+            _move_words(<uint64_t *>(self.upstream_counters(into_slot) + into_index),
+                        <uint64_t *>(self.upstream_counters(slot) + index),
+                        sizeof(UpstreamCounters) // sizeof(uint64_t))
+
+    cdef int _check_fold(self, int slots, int index, int into_slot, int into_index,
+                         int capacity) except -1:
+        self.check_slot(into_slot)
+        if not (0 <= slots <= self.count and 0 <= index < capacity
+                and 0 <= into_index < capacity and index != into_index):
+            raise ValueError("fold asked beyond the zone's capacities, or onto itself")
+        return 0
 
 
 @cython.final
 cdef class MetricsWriter:
-    """Adds to one counter slot of the shared region; one per worker, made once at its start.
-
-    Holds a buffer export of the region, so the mapping cannot be closed under it.
-    """
-    cdef Py_buffer _view
-    cdef bint _has_view
-    cdef uint64_t *_slot
+    """Adds to one counter slot; one per worker, made once at its start (MetricsSlots.writer)."""
+    cdef MetricsSlots slots  # keeps the zone mapped
+    cdef GlobalCounters *_global
+    cdef UpstreamCounters *_upstreams
+    cdef RouteCounters *_routes
+    cdef int _max_routes, _max_upstreams
     cdef readonly int counter_slot
 
-    def __dealloc__(self):
-        if self._has_view:
-            PyBuffer_Release(&self._view)
-
     @staticmethod
-    cdef MetricsWriter new(object buffer, int counter_slot):
+    cdef MetricsWriter new(MetricsSlots slots, int counter_slot):
         cdef MetricsWriter self = MetricsWriter.__new__(MetricsWriter)
-        cdef uint64_t *words
-        PyObject_GetBuffer(buffer, &self._view, PyBUF_WRITABLE)
-        self._has_view = True
-        words = <uint64_t *>self._view.buf
-        if (self._view.len < SHM_TOTAL_SIZE or (<size_t>words) % 8 != 0
-                or words[SHM_H_MAGIC] != fp_shm_magic
-                or words[SHM_H_VERSION] != SHM_LAYOUT_VERSION
-                or words[SHM_H_TOTAL_SIZE] != SHM_TOTAL_SIZE):
-            raise ValueError(
-                f"buffer is not a fastproxy shared region of layout version {SHM_LAYOUT_VERSION}")
-        if not 0 <= counter_slot < SHM_MAX_COUNTER_SLOTS:
-            raise ValueError(f"counter slot {counter_slot} out of range 0..{SHM_MAX_COUNTER_SLOTS - 1}")
+        self.slots = slots
         self.counter_slot = counter_slot
-        self._slot = words + (SHM_COUNTERS_OFFSET + counter_slot * SHM_COUNTER_SLOT_SIZE) // 8
+        self._global = slots.global_counters(counter_slot)
+        self._upstreams = slots.upstream_counters(counter_slot)
+        self._routes = slots.route_counters(counter_slot)
+        self._max_routes = slots.max_routes
+        self._max_upstreams = slots.max_upstreams
         return self
 
     cdef void request_done(self, int route, int status, double seconds,
@@ -111,76 +246,37 @@ cdef class MetricsWriter:
         a status outside 100..599 (e.g. 0 for a client that left) counts as 5xx."""
         cdef int status_class = status // 100
         cdef int bucket = 0
-        cdef uint64_t *block
-        if route < 0 or route >= SHM_MAX_ROUTES:
-            route = SHM_UNROUTED_ROUTE
-        if status_class < 1 or status_class > 5:
-            status_class = 5
+        cdef RouteCounters *counters
+        if route < 0 or route >= self._max_routes:
+            route = METRICS_UNROUTED_ROUTE
+        if status_class < 1 or status_class > METRICS_STATUS_CLASSES:
+            status_class = METRICS_STATUS_CLASSES
         if not seconds > 0.0:  # also catches NaN
             seconds = 0.0
         elif seconds > 1e9:  # keeps the microsecond conversion in range
             seconds = 1e9
-        while bucket < SHM_FINITE_BUCKETS and seconds > fp_shm_duration_bounds[bucket]:
+        while bucket < METRICS_FINITE_BUCKETS and seconds > fp_duration_bounds[bucket]:
             bucket += 1
-        block = self._slot + SHM_SLOT_ROUTES_WORD + route * SHM_ROUTE_WORDS
-        _shm_add(block + SHM_R_STATUS + status_class - 1, 1)
-        _shm_add(block + SHM_R_BUCKETS + bucket, 1)
-        _shm_add(block + SHM_R_DURATION_SUM_US, <uint64_t>(seconds * 1e6 + 0.5))
-        _shm_add(self._slot + SHM_C_BYTES_IN, bytes_in)
-        _shm_add(self._slot + SHM_C_BYTES_OUT, bytes_out)
+        counters = self._routes + route
+        _counter_add(&counters.status[status_class - 1], 1)
+        _counter_add(&counters.buckets[bucket], 1)
+        _counter_add(&counters.duration_sum_us, <uint64_t>(seconds * 1e6 + 0.5))
+        _counter_add(&self._global.bytes_in, bytes_in)
+        _counter_add(&self._global.bytes_out, bytes_out)
 
     cdef void upstream_request(self, int upstream) noexcept nogil:
-        if 0 <= upstream < SHM_MAX_UPSTREAMS:
-            _shm_add(self._slot + SHM_SLOT_UPSTREAMS_WORD + upstream * SHM_UPSTREAM_WORDS
-                     + SHM_U_REQUESTS, 1)
+        if 0 <= upstream < self._max_upstreams:
+            _counter_add(&self._upstreams[upstream].requests, 1)
 
     cdef void upstream_error(self, int upstream, int kind) noexcept nogil:
-        if 0 <= upstream < SHM_MAX_UPSTREAMS and UPSTREAM_CONNECT <= kind <= UPSTREAM_TIMEOUT:
-            _shm_add(self._slot + SHM_SLOT_UPSTREAMS_WORD + upstream * SHM_UPSTREAM_WORDS
-                     + SHM_U_ERRORS + kind, 1)
+        if 0 <= upstream < self._max_upstreams and UPSTREAM_CONNECT <= kind <= UPSTREAM_TIMEOUT:
+            _counter_add(&self._upstreams[upstream].errors[kind], 1)
 
     cdef void connection_opened(self) noexcept nogil:
-        _shm_add(self._slot + SHM_C_CONNECTIONS_ACCEPTED, 1)
-        _shm_add(self._slot + SHM_C_ACTIVE_CONNECTIONS, 1)
+        _counter_add(&self._global.connections_accepted, 1)
+        _counter_add(&self._global.active_connections, 1)
 
     cdef void connection_closed(self) noexcept nogil:
-        cdef uint64_t *active = self._slot + SHM_C_ACTIVE_CONNECTIONS
-        cdef uint64_t n = fp_shm_load(active)
+        cdef uint64_t n = fp_load_relaxed(&self._global.active_connections)
         if n > 0:
-            fp_shm_store(active, n - 1)
-
-
-def metrics_layout_constants():
-    """The layout constants compiled into the writer, keyed as layout.mirrored_constants()."""
-    cdef int i
-    return {
-        "magic": fp_shm_magic,
-        "version": SHM_LAYOUT_VERSION,
-        "total_size": SHM_TOTAL_SIZE,
-        "max_routes": SHM_MAX_ROUTES,
-        "max_upstreams": SHM_MAX_UPSTREAMS,
-        "max_counter_slots": SHM_MAX_COUNTER_SLOTS,
-        "h_magic": SHM_H_MAGIC,
-        "h_version": SHM_H_VERSION,
-        "h_total_size": SHM_H_TOTAL_SIZE,
-        "counters_offset": SHM_COUNTERS_OFFSET,
-        "counter_slot_size": SHM_COUNTER_SLOT_SIZE,
-        "c_bytes_in": SHM_C_BYTES_IN,
-        "c_bytes_out": SHM_C_BYTES_OUT,
-        "c_connections_accepted": SHM_C_CONNECTIONS_ACCEPTED,
-        "c_active_connections": SHM_C_ACTIVE_CONNECTIONS,
-        "slot_upstreams_word": SHM_SLOT_UPSTREAMS_WORD,
-        "upstream_words": SHM_UPSTREAM_WORDS,
-        "u_requests": SHM_U_REQUESTS,
-        "u_errors": SHM_U_ERRORS,
-        "upstream_connect": UPSTREAM_CONNECT,
-        "upstream_reset": UPSTREAM_RESET,
-        "upstream_timeout": UPSTREAM_TIMEOUT,
-        "slot_routes_word": SHM_SLOT_ROUTES_WORD,
-        "route_words": SHM_ROUTE_WORDS,
-        "r_status": SHM_R_STATUS,
-        "r_buckets": SHM_R_BUCKETS,
-        "r_duration_sum_us": SHM_R_DURATION_SUM_US,
-        "unrouted_route": SHM_UNROUTED_ROUTE,
-        "duration_buckets": tuple([fp_shm_duration_bounds[i] for i in range(SHM_FINITE_BUCKETS)]),
-    }
+            fp_store_relaxed(&self._global.active_connections, n - 1)

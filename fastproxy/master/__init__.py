@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 from fastproxy.config.runtime import Runtime
 
 if TYPE_CHECKING:
-    from fastproxy.shm.zones import SharedRegion
+    from fastproxy.shm import MetricsZone, ZoneSet
 
 # A worker exits with this code when it could not start serving (bad privileges,
 # a failing import, ...). The master then stops at startup, or abandons a reload,
@@ -44,8 +44,9 @@ class WorkerContext:
     generation: int  # 1 at startup, +1 per successful reload
     listen_sockets: Tuple[socket.socket, ...]  # parallel to runtime.listeners; this slot's sockets
     admin_socket: Optional[socket.socket]  # shared by all workers; None without [admin]
-    region: "SharedRegion"
-    counter_slot: int
+    metrics: "MetricsZone"
+    counter_slot: int  # the worker's own slot in the metrics zone
+    zones: "ZoneSet"  # every zone of its generation, by name, the metrics zone included
     route_ids: Tuple[int, ...]  # parallel to runtime.routes
     upstream_ids: Tuple[int, ...]  # parallel to runtime.upstreams
     master_pid: int

@@ -36,8 +36,8 @@ from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, m
 from fastproxy.master.pidfile import PidFileError, check_not_running, remove_pid_file, write_pid_file
 from fastproxy.master.sockets import BindError, ListenSockets, migrates_queued_connections
 from fastproxy.master.systemd import Notifier
-from fastproxy.shm import WORKER_DRAINING, RegionFull, SharedRegion
-from fastproxy.shm.layout import MAX_WORKERS
+from fastproxy.shm import WORKER_DRAINING, MetricsZone, ZoneFull, ZoneSet, declared_zones
+from fastproxy.shm.layout import MAX_WORKERS, ZONE_NAME as METRICS_ZONE_NAME
 
 log = logging.getLogger("fastproxy.master")
 
@@ -53,6 +53,7 @@ MAX_WAIT = 1.0  # the loop re-checks its timers at least this often
 class Generation:
     number: int
     runtime: Runtime
+    zones: ZoneSet
     route_ids: Tuple[int, ...]
     upstream_ids: Tuple[int, ...]
 
@@ -96,7 +97,7 @@ class Master:
         self.pid_file: Optional[str] = None  # the pid file this master wrote and owns
         self.sockets = ListenSockets()
         self.notifier = Notifier()
-        self.region: Optional[SharedRegion] = None
+        self.metrics: Optional[MetricsZone] = None  # created with the first generation's zones
         self.current: Optional[Generation] = None
         self.pending: Optional[Generation] = None  # booting; becomes current once all its workers are ready
         self.pending_deadline = 0.0
@@ -122,7 +123,6 @@ class Master:
         try:
             try:
                 check_not_running(main.pid_file)
-                self.region = SharedRegion.create()
                 self.sockets.bind(self.runtime)
                 if main.pid_file is not None:
                     write_pid_file(main.pid_file, self.pid)
@@ -284,17 +284,38 @@ class Master:
                 f"cannot start {runtime.main.workers} workers while {len(self.workers)} are alive "
                 f"(at most {MAX_WORKERS} at a time); wait for the previous generation to drain")
         try:
-            route_ids = self.region.register_routes([r.name for r in runtime.routes])
-            upstream_ids = self.region.register_upstreams([u.name for u in runtime.upstreams])
-        except (RegionFull, ValueError) as e:
+            zones = self.open_zones(runtime)
+            live = self.live_generations()
+            route_ids = self.metrics.register_routes(
+                [r.name for r in runtime.routes], {i for gen in live for i in gen.route_ids})
+            upstream_ids = self.metrics.register_upstreams(
+                [u.name for u in runtime.upstreams], {i for gen in live for i in gen.upstream_ids})
+        except (ZoneFull, ValueError) as e:
             return self.abandon_pending(str(e))
-        self.pending = Generation(number, runtime, route_ids, upstream_ids)
+        except OSError as e:
+            return self.abandon_pending(f"cannot map the shared zones: {e}")
+        self.pending = Generation(number, runtime, zones, route_ids, upstream_ids)
         self.pending_deadline = time.monotonic() + READY_TIMEOUT
         for slot in range(runtime.main.workers):
             try:
                 self.spawn(self.pending, slot)
             except SpawnError as e:
                 return self.abandon_pending(str(e))
+
+    def open_zones(self, runtime: Runtime) -> ZoneSet:
+        """The zones `runtime` declares, those of the current generation reused where their
+        spec is unchanged; the metrics zone is made with the first generation and kept."""
+        zones = ZoneSet.open(declared_zones(runtime), self.current.zones if self.current else None)
+        if self.metrics is None:
+            self.metrics = MetricsZone.create(zones[METRICS_ZONE_NAME])
+        return zones
+
+    def live_generations(self):
+        """Generations that may still count: the current one and any with a worker alive."""
+        live = {id(w.generation): w.generation for w in self.workers.values()}
+        if self.current is not None:
+            live[id(self.current)] = self.current
+        return live.values()
 
     def on_ready_pipe(self, w: WorkerProcess) -> None:
         try:
@@ -316,7 +337,7 @@ class Master:
         first = self.current is None
         self.current, self.runtime = gen, gen.runtime
         self.backoff.clear()  # the new generation covers every slot; scheduled respawns are moot
-        self.region.set_master_info(self.pid, gen.number, self.config_path)
+        self.metrics.set_master_info(self.pid, gen.number, self.config_path)
         for w in list(self.workers.values()):
             if w.generation is not gen:
                 self.drain(w)
@@ -370,13 +391,13 @@ class Master:
     def spawn(self, gen: Generation, slot: int) -> None:
         """Fork worker #slot of `gen`. Raises SpawnError (with nothing left behind) if it cannot."""
         try:
-            counter_slot = self.region.assign_counter_slot()
-        except RegionFull as e:
+            counter_slot = self.metrics.assign_counter_slot()
+        except ZoneFull as e:
             raise SpawnError(f"cannot start worker #{slot}: {e}") from None
         try:
             ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         except OSError as e:
-            self.region.release_counter_slot(counter_slot)
+            self.metrics.release_counter_slot(counter_slot)
             raise SpawnError(f"cannot start worker #{slot}: {e}") from None
         runtime = gen.runtime
         ctx = WorkerContext(
@@ -385,8 +406,9 @@ class Master:
             generation=gen.number,
             listen_sockets=self.sockets.for_slot(runtime, slot),
             admin_socket=self.sockets.admin(runtime),
-            region=self.region,
+            metrics=self.metrics,
             counter_slot=counter_slot,
+            zones=gen.zones,
             route_ids=gen.route_ids,
             upstream_ids=gen.upstream_ids,
             master_pid=self.pid,
@@ -401,7 +423,7 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(ready_r)
             os.close(ready_w)
-            self.region.release_counter_slot(counter_slot)
+            self.metrics.release_counter_slot(counter_slot)
             raise SpawnError(f"cannot fork worker #{slot}: {e}") from None
         if pid == 0:
             self.become_worker(ctx, ready_r)
@@ -410,7 +432,7 @@ class Master:
         w = WorkerProcess(pid=pid, slot=slot, generation=gen, ready_fd=ready_r, started=time.monotonic())
         self.workers[pid] = w
         self.selector.register(ready_r, selectors.EVENT_READ, w)
-        self.region.add_worker(pid, slot, gen.number, counter_slot)
+        self.metrics.add_worker(pid, slot, gen.number, counter_slot)
         log.info("started worker #%d pid %d (generation %d)", slot, pid, gen.number)
 
     def become_worker(self, ctx: WorkerContext, own_ready_r: int) -> None:
@@ -450,7 +472,7 @@ class Master:
         w.draining = True
         w.kill_at = time.monotonic() + w.generation.runtime.main.shutdown_timeout
         self.kill(w.pid, signal.SIGQUIT)
-        self.region.set_worker_state(w.pid, WORKER_DRAINING)
+        self.metrics.set_worker_state(w.pid, WORKER_DRAINING)
 
     def kill(self, pid: int, signum: int) -> None:
         try:
@@ -478,9 +500,12 @@ class Master:
 
     def on_worker_exit(self, w: WorkerProcess, status: int) -> None:
         self.close_ready_pipe(w)
-        self.region.remove_worker(w.pid)  # also frees its counter slot
+        self.metrics.remove_worker(w.pid)  # also frees its counter slot
         how = describe_exit(status)
         gen = w.generation
+        for zone in gen.zones.release_locks_of(w.pid):
+            log.warning("worker #%d pid %d died holding the lock of zone %r; released it",
+                        w.slot, w.pid, zone)
         expected = w.draining or self.stopping
         (log.info if expected else log.error)("worker #%d pid %d (generation %d) %s",
                                               w.slot, w.pid, gen.number, how)
