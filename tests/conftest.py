@@ -82,6 +82,13 @@ def module_proxy_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def origin_b():
+    """A second origin shared by every test of a module (routes that must tell two apart)."""
+    with Origin("origin-b") as o:
+        yield o
+
+
+@pytest.fixture(scope="module")
 def module_origin():
     """An echoing origin shared by every test of a module."""
     with Origin("module-origin") as o:

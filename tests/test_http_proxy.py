@@ -6,14 +6,7 @@ import json
 import pytest
 
 from harness.client import RawClient, build_request, fetch
-from harness.origin import Origin
 from harness.proxy import respond, upstream, wait_until
-
-
-@pytest.fixture(scope="module")
-def origin_b():
-    with Origin("origin-b") as o:
-        yield o
 
 
 @pytest.fixture(scope="module")

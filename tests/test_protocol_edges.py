@@ -14,16 +14,9 @@ import zlib
 import pytest
 
 from harness.client import RawClient, build_request, chunked
-from harness.origin import Origin
 from harness.proxy import upstream
 
 MODES = ("whole", "bytewise", "random")
-
-
-@pytest.fixture(scope="module")
-def origin_b():
-    with Origin("origin-b") as o:
-        yield o
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import re
 import signal
 import socket
 import time
-import traceback
 from collections import defaultdict
 
 import pytest
 import requests
 
 from harness import zone_probe
+from harness.proxy import fork_child
 
 from fastproxy.shm import METRICS_ZONE, WORKER_DRAINING, MetricsZone, Zone, ZoneFull, ZoneSpec, layout as L
 from fastproxy.shm.reader import render_prometheus, status
@@ -47,21 +47,6 @@ def open_writer(probe, metrics, slot):
 
 # --- process helpers ---
 
-def fork(fn) -> int:
-    """Run fn in a forked child that exits 0 if it returns, 1 if it raises."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
 def wait_ok(pid: int) -> None:
     _, code = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(code) == 0
@@ -74,7 +59,7 @@ def start_hammer(probe, metrics, n, route, upstream, worker_slot=0, generation=1
     def work():
         probe.hammer(open_writer(probe, metrics, slot), n, route, upstream, SECONDS)
 
-    pid = fork(work)
+    pid = fork_child(work)
     metrics.add_worker(pid, worker_slot, generation, slot)
     return pid, slot
 
@@ -413,7 +398,7 @@ def test_readers_never_see_a_reclaim_half_done(probe):
             assert total >= last, f"a scrape went back from {last} to {total}"
             last = total
 
-    reader = fork(scrape)
+    reader = fork_child(scrape)
     assert os.read(ready_r, 1) == b"!"
     for n in range(1, cycles + 1):
         for route in routes:  # the worker of generation n - 1
@@ -508,7 +493,7 @@ def admin(probe):
         probe.request_done(w, api, status_code, 0.01, 10, 20)
     sock = socket.create_server(("127.0.0.1", 0))
     ready_r, ready_w = os.pipe()
-    pids = [fork(lambda: serve_admin(sock, metrics, ready_w)) for _ in range(2)]
+    pids = [fork_child(lambda: serve_admin(sock, metrics, ready_w)) for _ in range(2)]
     for _ in pids:
         assert os.read(ready_r, 1) == b"!"
     os.close(ready_r)

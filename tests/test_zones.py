@@ -9,13 +9,12 @@ import logging
 import os
 import signal
 import time
-import traceback
 
 import pytest
 
 from harness import zone_probe
 from harness.client import RawClient
-from harness.proxy import respond, summed_metric, to_toml, upstream, wait_until
+from harness.proxy import fork_child, respond, summed_metric, to_toml, upstream, wait_until
 
 from fastproxy.config import load_runtime
 from fastproxy.filters.base import Filter, Phase, compile_phases
@@ -39,18 +38,8 @@ def children():
     pids = []
 
     def fork(fn) -> int:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                fn()
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        pids.append(pid)
-        return pid
+        pids.append(fork_child(fn))
+        return pids[-1]
     yield fork
     for pid in pids:
         try:

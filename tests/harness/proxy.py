@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set
 
@@ -147,6 +148,21 @@ class RssSampler:
 
     def growth(self):
         return {p: self.peak[p] - self.baseline[p] for p in self.pids}
+
+
+def fork_child(fn) -> int:
+    """Run fn in a forked child that exits 0 if it returns, 1 if it raises."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
 
 
 def cmdline(pid: int) -> str:
