@@ -360,25 +360,54 @@ _RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "connectio
                                "proxy-connection", "te", "trailer", "upgrade"})
 
 
+def _set_by_fastproxy(name: str) -> Optional[str]:
+    return f"{name} is set by fastproxy itself" if name.lower() in _RESERVED_HEADERS else None
+
+
+class HeaderName(Kind):
+    """A header name (an RFC 9110 token); `refuse` gives the reason a name may not be used
+    here, or None."""
+    name = "header name"
+    types = (str,)
+
+    def __init__(self, refuse: Callable[[str], Optional[str]] = _set_by_fastproxy):
+        self.refuse = refuse
+
+    def convert(self, value):
+        if not _TOKEN.fullmatch(value):
+            raise Invalid(f"{json.dumps(value)} is not a valid header name")
+        reason = self.refuse(value)
+        if reason:
+            raise Invalid(reason)
+        return value
+
+
+class HeaderValue(String):
+    """A header value: one line, with no control character but tab."""
+
+    def convert(self, value):
+        if not value and not self.empty:
+            raise Invalid("must not be empty")
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+            raise Invalid("must not contain control characters other than tab")
+        return value
+
+
 class Headers(Kind):
     """A table of header name -> value, as a tuple of (name, value) in file order."""
-    name = "table of header name = value strings"
     types = (dict,)
+
+    def __init__(self, names: Kind = HeaderName(), values: Kind = HeaderValue(empty=True),
+                 name: str = "table of header name = value strings"):
+        self.names, self.values, self.name = names, values, name
 
     def convert(self, value):
         headers, problems = [], []
         for name, text in value.items():
-            where = "." + quote_key(name)
-            if not _TOKEN.fullmatch(name):
-                problems.append((where, f"{json.dumps(name)} is not a valid header name"))
-            elif name.lower() in _RESERVED_HEADERS:
-                problems.append((where, f"{name} is set by fastproxy itself"))
-            elif not isinstance(text, str):
-                problems.append((where, f"expected string, got {describe(text)}"))
-            elif re.search(r"[\x00-\x08\x0a-\x1f\x7f]", text):
-                problems.append((where, "must not contain control characters other than tab"))
-            else:
-                headers.append((name, text))
+            try:
+                headers.append((self.names(name), self.values(text)))
+            except Invalid as error:
+                problems += [("." + quote_key(name) + suffix, reason) for suffix, reason in error.problems]
         if problems:
             raise Invalid(problems=problems)
         return tuple(headers)
