@@ -1,6 +1,13 @@
-"""The phase layout every route compiles to, and the run order of filters within it."""
+"""The phase layout every route compiles to, the run order of filters within it, and the
+built-in filters pinned."""
+import dataclasses
+
+import pytest
+
 from fastproxy.config import load_runtime
 from fastproxy.filters.base import Filter, Phase, compile_phases
+from fastproxy.filters.headers import REQUEST_SECTION, RequestHeaders, compile_transform
+from fastproxy.filters.registry import FILTERS, FilterType
 
 
 def make(name, priority, *phases):
@@ -27,3 +34,40 @@ def test_request_phases_run_by_priority_and_response_phases_in_reverse():
     assert [f.name for f in phases[Phase.RESPONSE_BODY]] == ["compress"]
     assert [f.name for f in phases[Phase.LOG]] == ["auth"]
     assert phases[Phase.ACCEPT] == () and phases[Phase.UPSTREAM] == ()
+
+
+def test_builtin_filters_pinned():
+    """The built-ins, in registry order, with what decides where they run. A change here
+    changes what every configuration using them does: make it on purpose."""
+    assert [(t.config.name, t.config.priority, sorted(t.config.phases), t.config.runtime, t.config.upstream_only)
+            for t in FILTERS] == [
+        ("request_headers", 100, [Phase.REQUEST_HEADERS], "request_headers", True),
+        ("response_headers", 2000, [Phase.RESPONSE_HEADERS], "response_headers", False),
+    ]
+
+
+def test_route_with_every_builtin_compiles_them_in_order(tmp_path):
+    conf = tmp_path / "f.toml"
+    conf.write_text('[[listen]]\naddress = "127.0.0.1:8080"\n[upstreams.app]\nservers = ["127.0.0.1:9"]\n'
+                    '[[routes]]\npath_prefix = "/"\nupstream = "app"\n'
+                    'response_headers = { set = { X-Frame-Options = "DENY" } }\n'
+                    'request_headers = { remove = ["Cookie"], add = { Via = ["a", "b"] } }\n')
+    (route,) = load_runtime(str(conf)).routes
+    request, response = route.phases[Phase.REQUEST_HEADERS], route.phases[Phase.RESPONSE_HEADERS]
+    assert [f.name for f in request] == ["request_headers"] and [f.name for f in response] == ["response_headers"]
+    assert (request[0].set, request[0].add, request[0].remove) == ((), ((b"Via", b"a"), (b"Via", b"b")), (b"Cookie",))
+    assert response[0].set == ((b"X-Frame-Options", b"DENY"),)
+    assert all(route.phases[p] == () for p in Phase if p not in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS))
+
+
+def test_every_builtin_has_its_runtime_class_in_the_core():
+    from fastproxy import _core  # not at the top: the config half must import without it
+    assert sorted(t.config.runtime for t in FILTERS) == sorted(_core.FILTER_CLASSES)
+
+
+def test_a_filter_type_must_hook_phases_the_core_runs():
+    @dataclasses.dataclass(frozen=True)
+    class BodyFilter(RequestHeaders):
+        phases = frozenset({Phase.REQUEST_BODY})
+    with pytest.raises(TypeError, match="REQUEST_BODY"):
+        FilterType(BodyFilter, REQUEST_SECTION, compile_transform)

@@ -34,6 +34,9 @@ def proxy(module_proxy_factory, module_origin):
     module_origin.handlers["hints"] = hints
     module_origin.handlers["unasked_continue"] = unasked_continue
     module_origin.handlers["end_to_end"] = lambda conn, req: conn.respond(200, b"ok", headers=END_TO_END)
+    module_origin.handlers["connection_named"] = lambda conn, req: conn.respond(200, b"ok", headers=[
+        ("Connection", "user-agent, X-FORWARDED-FOR, Date, content-length"), ("Date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        *END_TO_END])
     return module_proxy_factory({
         "main": {"workers": 1},
         "upstreams": {"origin": upstream(module_origin)},
@@ -76,3 +79,14 @@ def test_end_to_end_response_headers_pass(proxy):
     assert r.status == 200, r
     for name, value in END_TO_END:
         assert r.header_all(name) == [value], (name, r.headers)
+
+
+def test_headers_the_upstreams_connection_names_are_hop_by_hop_whatever_their_name(proxy):
+    """All but the framing and Date, which the proxy relies on."""
+    with RawClient(proxy.port) as c:
+        r = c.request("GET", "/connection_named")
+        assert (r.status, r.body) == (200, b"ok") and r.header("content-length") == "2", r
+        assert r.header_all("date") == ["Mon, 01 Jan 2024 00:00:00 GMT"], r
+        assert r.header_all("user-agent") == [] and r.header_all("x-forwarded-for") == [], r
+        assert r.header_all("referer") == ["https://app.example/from"], r
+        assert c.request("GET", "/end_to_end").header_all("user-agent") == ["origin-agent/1"]

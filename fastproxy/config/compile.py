@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from fastproxy.filters import registry  # a module, not its names: the registry imports schema
 from fastproxy.filters.base import compile_phases
 
 from .runtime import (AccessLog, Address, Admin, Listener, Main, Proxy, Respond, Route, Runtime,
@@ -87,6 +88,11 @@ def _check_route(route: dict, where: str, upstreams: dict, report: Report) -> No
             f" (defined: {', '.join(sorted(upstreams))})" if upstreams else " (no [upstreams.NAME] is defined)")
         report(f"{where}.upstream", f"unknown upstream '{upstream}'{known}")
     respond = route.get("respond")
+    if respond is not None:
+        for compiled in registry.route_filters(route):
+            if compiled.upstream_only:
+                report(f"{where}.{compiled.name}", "has no effect on a route that answers with `respond` "
+                                                   "(nothing is sent upstream)")
     if respond and respond["body"] and (respond["status"] < 200 or respond["status"] in (204, 304)):
         report(f"{where}.respond.body", f"a {respond['status']} response cannot have a body")
 
@@ -133,7 +139,7 @@ def build_runtime(tree: dict, source: str) -> Runtime:
             headers=tuple((name.encode("ascii"), value.encode()) for name, value in route["respond"]["headers"])),
         max_body_size=main["max_body_size"] if route["max_body_size"] is None else route["max_body_size"],
         max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
-        phases=compile_phases(()),  # no filter exists yet: every phase is empty
+        phases=compile_phases(registry.route_filters(route)),
     ) for route in tree["routes"])
     return Runtime(
         source=source,

@@ -1,13 +1,15 @@
 """Every config key, declared once: its type, default and meaning.
 
-`SECTIONS` is the whole file format. `check_tree` walks a parsed TOML document against it,
+`sections()` is the whole file format. `check_tree` walks a parsed TOML document against it,
 reporting every problem with its key path and returning the converted values with defaults
 filled in; rules that span several keys live in compile.py. docs/config.md embeds
 `reference()` verbatim (a test keeps the two equal), so a key cannot exist undocumented.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import ipaddress
 import json
 import math
@@ -542,7 +544,8 @@ RESPOND = Section("respond", "[[routes]].respond", TABLE, OFF, (
     Key("headers", Headers(), {}, "Response headers; `Content-Length` is added by fastproxy."),
 ), "A fixed local response, written inline: `respond = { status = 200, body = \"ok\\n\" }`.")
 
-ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (
+# [[routes]] without the filters' keys, which sections() adds.
+_ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (
     Key("name", String(), None, "Label in metrics and logs; must be unique.", "derived from the match"),
     Key("host", ListOf(HostPattern(), "host name or array of them", single=True), None,
         'Host header values to match, without port; `"*.example.com"` matches any subdomain of example.com.',
@@ -562,13 +565,22 @@ ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (
 ), "What to do with a request: the most specific matching route wins (see Route matching). At least one "
    "is required.")
 
-SECTIONS: Tuple[Section, ...] = (MAIN, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, ROUTES)
+
+@functools.lru_cache(maxsize=None)
+def sections() -> Tuple[Section, ...]:
+    """The sections of the file, [[routes]] with a key per filter type. The filter registry is
+    imported here rather than at the top because the filters build their keys from the kinds
+    above."""
+    from fastproxy.filters.registry import route_keys
+    routes = dataclasses.replace(_ROUTES, keys=_ROUTES.keys + route_keys())
+    return (MAIN, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes)
 
 
 def all_sections() -> Tuple[Section, ...]:
-    """SECTIONS plus the tables nested in them, in docs order."""
-    nested = tuple(key.kind.section for section in SECTIONS for key in section.keys if isinstance(key.kind, Table))
-    return SECTIONS + nested
+    """sections() plus the tables nested in them, in docs order."""
+    nested = tuple(key.kind.section for section in sections() for key in section.keys
+                   if isinstance(key.kind, Table))
+    return sections() + nested
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -609,17 +621,17 @@ def check_table(keys: Tuple[Key, ...], raw: dict, path: str, report: Report) -> 
 
 
 def check_tree(raw: dict, report: Report) -> dict:
-    """Check a whole parsed document against SECTIONS.
+    """Check a whole parsed document against sections().
 
     Returns {section name: values}: a dict for a TABLE (None when OFF and absent), a list
     for an ARRAY (None in place of an element that is not a table), a dict of name ->
     values for NAMED.
     """
     for name in raw:
-        if all(section.name != name for section in SECTIONS):
-            report(quote_key(name), "unknown section" + did_you_mean(name, [s.name for s in SECTIONS]))
+        if all(section.name != name for section in sections()):
+            report(quote_key(name), "unknown section" + did_you_mean(name, [s.name for s in sections()]))
     tree = {}
-    for section in SECTIONS:
+    for section in sections():
         value = raw.get(section.name)
         if value is None or value == [] or value == {}:
             if section.absent == NEEDED:

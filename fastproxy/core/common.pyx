@@ -159,6 +159,22 @@ cdef int header_kind_at(const char *p, Py_ssize_t n) noexcept:
     return H_OTHER
 
 
+cdef bint listed(const char *name, Py_ssize_t n, tuple lower_names) noexcept:
+    """Whether the n bytes at `name` are one of `lower_names` (lower-case) ignoring case,
+    without allocating."""
+    cdef Py_ssize_t i
+    cdef bytes lower
+    for i in range(len(lower_names)):
+        lower = <bytes>lower_names[i]
+        if PyBytes_GET_SIZE(lower) == n and strncasecmp(name, PyBytes_AS_STRING(lower), n) == 0:
+            return True
+    return False
+
+
+cdef inline bint name_listed(bytes name, tuple lower_names) noexcept:
+    return listed(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), lower_names)
+
+
 cdef inline bint ends_with_chunked(const char *p, Py_ssize_t n) noexcept:
     """True when the last transfer coding of a Transfer-Encoding value is chunked."""
     while n > 0 and (p[n - 1] == b' ' or p[n - 1] == b'\t'):
@@ -188,6 +204,11 @@ cdef inline frozenset union(frozenset a, frozenset b):
     if a is None:
         return b
     return a if b is None else a | b
+
+
+cdef inline object joined(object first, object more):
+    """first + more, where None stands for nothing yet (tuples or bytes)."""
+    return more if first is None else first + more
 
 
 cdef frozenset CONNECTION_OPTIONS = frozenset([b"close", b"keep-alive", b"upgrade"])

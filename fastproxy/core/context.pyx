@@ -36,6 +36,7 @@ cdef class WorkerCore:
     cdef set clients
     cdef RequestIds ids
     cdef ByteWriter head_writer  # every message head is built in it, then taken as bytes
+    cdef ResponseHead head_edits  # what response_head hooks edit: one, reused for every response
     # response bodies that span several reads are read into this one buffer (BodyReader):
     # a read is handled before the next begins, so every connection can share it
     cdef object read_view
@@ -74,6 +75,7 @@ cdef class WorkerCore:
         self.clients = set()
         self.ids = RequestIds()
         self.head_writer = ByteWriter(4096)
+        self.head_edits = ResponseHead()
         self.read_view = memoryview(bytearray(BODY_READ_MAX))
         self.metrics = metrics
         self.max_uri_size = main.max_uri_size
@@ -113,20 +115,13 @@ cdef class WorkerCore:
         cr.methods = tuple(route.methods)
         cr.max_body_size = route.max_body_size
         cr.max_header_size = route.max_header_size
-        cr.phases = route.phases
+        request_head, cr.response_head_filters, cr.log_filters = route_hooks(route.phases)
         if hasattr(handler, "upstream"):
-            cr.handler = HANDLER_PROXY
             cr.pool = self.pools_by_name[handler.upstream]
             cr.upstream_host = upstream_host(cr.pool)
+            cr.request_head_filters = request_head
         else:
-            cr.handler = HANDLER_RESPOND
-            cr.respond_status = handler.status
-            cr.respond_body = handler.body
-            head = [status_line(handler.status), self.server_line]
-            for name, value in handler.headers:
-                head.append(name + b": " + value + b"\r\n")
-            head.append(b"Content-Length: %d\r\n" % len(handler.body))
-            cr.respond_head = b"".join(head)
+            cr.request_head_filters = request_head + (Respond(handler),)
         return cr
 
     def protocol_factory(self):

@@ -1,4 +1,5 @@
 # Forward declarations: the parts refer to each other's cdef classes.
+cdef class ResponseHead
 cdef class CompiledRoute
 cdef class Router
 cdef class AccessLog

@@ -92,6 +92,10 @@ cdef class Exchange:
     cdef bytes protocol         # for the logs, when neither HTTP/1.0 nor HTTP/1.1: "HTTP/2.0", "-"
     cdef list fwd_headers       # name, value, name, value, ... in arrival order
     cdef frozenset conn_drop    # header names the Connection header lists
+    cdef tuple removed_headers  # lower-case names request_head filters removed (or set)
+    cdef bytes added_headers    # header lines request_head filters added
+    cdef tuple local_headers    # a local answer's (name, value) pairs, from respond()
+    cdef bytes local_body       # its body; None for fastproxy's own error answers
     cdef list up_out            # upstream-bound bytes not yet written
     cdef Py_ssize_t up_out_size
     cdef bytes upstream_head    # kept for a retry on a fresh connection
@@ -230,8 +234,8 @@ cdef class Exchange:
         if self.route.max_body_size and self.content_length > self.route.max_body_size:
             self.fail(413)
             return
-        if self.route.handler == HANDLER_RESPOND:
-            self.local_status = self.route.respond_status
+        if self.route.request_head_filters and \
+                run_request_head(self.route.request_head_filters, self) == FILTER_RESPOND:
             return
         if self.conn_upgrade and not self.upgrade_websocket and self.content_length != 0:
             # llhttp has skipped the body of an upgrade request: refuse it
@@ -289,9 +293,11 @@ cdef class Exchange:
     cdef bytes build_upstream_head(self, WorkerCore core):
         cdef ByteWriter out = core.head_writer
         cdef list headers = self.fwd_headers
-        cdef frozenset drop = self.conn_drop
+        cdef tuple drop = self.removed_headers
         cdef bytes name
         cdef Py_ssize_t i
+        if self.conn_drop is not None:
+            drop = joined(drop, tuple(self.conn_drop))
         out.clear()
         out.add(self.method)
         out.add(b" ")
@@ -301,12 +307,14 @@ cdef class Exchange:
         out.add(CRLF)
         for i in range(0, len(headers), 2):
             name = <bytes>headers[i]
-            if drop is not None and name.lower() in drop:
-                continue  # named in Connection: hop-by-hop for this request
+            if drop is not None and name_listed(name, drop):
+                continue  # named in Connection (hop-by-hop for this request), or by a filter
             out.add(name)
             out.add(b": ")
             out.add(<bytes>headers[i + 1])
             out.add(CRLF)
+        if self.added_headers is not None:
+            out.add(self.added_headers)
         out.add(b"X-Forwarded-For: ")
         if self.xff is not None:
             out.add(self.xff)
@@ -377,6 +385,31 @@ cdef class Exchange:
         return not self.retried and self.content_length == 0 and not self.chunked_in \
             and self.method in IDEMPOTENT and not self.upgrading
 
+    # -- what filters may call (docs/extending.md) ------------------------------
+
+    cdef int remove_headers(self, tuple lower_names) except -1:
+        """From a request_head hook: do not send upstream the client's headers with one of
+        these names (lower-case)."""
+        self.removed_headers = joined(self.removed_headers, lower_names)
+        return 0
+
+    cdef int add_header_lines(self, bytes lines) except -1:
+        """From a request_head hook: send these header lines upstream ("Name: value\r\n"
+        each, checked when compiled), after the client's."""
+        self.added_headers = joined(self.added_headers, lines)
+        return 0
+
+    cdef int respond(self, int status, tuple headers, bytes body) except -1:
+        """From a request_head hook, which then returns FILTER_RESPOND: answer with this
+        status, (name, value) header pairs (checked when compiled) and body, without
+        contacting an upstream. fastproxy adds Server, Date, X-Request-ID, Content-Length
+        and Connection; the route's response_head filters then edit the head. An error
+        found later in the request (413 as its body is read, 408) answers instead."""
+        self.local_status = status
+        self.local_headers = headers
+        self.local_body = body
+        return 0
+
     # -- dispatch ---------------------------------------------------------------
 
     cdef void dispatch(self) except *:
@@ -434,14 +467,12 @@ cdef class Exchange:
         cdef WorkerCore core = client.core
         cdef ByteWriter out = core.head_writer
         cdef bytes body
-        self.response_started = True
         out.clear()
         self.status = self.local_status
         self.frame = FRAME_LENGTH
-        if self.route is not None and self.route.handler == HANDLER_RESPOND \
-                and self.status == self.route.respond_status:
-            out.add(self.route.respond_head)
-            body = self.route.respond_body
+        if self.local_body is not None:
+            body = self.local_body
+            self.local_head(core, out)
         else:
             body = error_body(self.status, self.request_id if self.request_id is not None else b"")
             out.add(status_line(self.status))
@@ -462,13 +493,39 @@ cdef class Exchange:
         out.add(CRLF)
         if not self.is_head:
             out.add(body)
+        self.response_started = True  # only now: a filter's failure above can still get a 500
         client.write(out.take())
         self.response_complete()
+
+    cdef void local_head(self, WorkerCore core, ByteWriter out) except *:
+        """The head of an answer from respond(), up to its Content-Length."""
+        cdef ResponseHead edits = None
+        cdef tuple removed = None
+        cdef bytes name
+        out.add(status_line(self.status))
+        out.add(core.server_line)
+        if self.route.response_head_filters:
+            edits = core.head_edits
+            edits.start(self.status)
+            run_response_head(self.route.response_head_filters, self, edits)
+            removed = edits.removed
+        for name, value in self.local_headers:
+            if removed is None or not name_listed(name, removed):
+                out.add(name)
+                out.add(b": ")
+                out.add(value)
+                out.add(CRLF)
+        if edits is not None and edits.added is not None:
+            out.add(edits.added)
+        out.add(b"Content-Length: ")
+        out.add_decimal(len(self.local_body))
+        out.add(CRLF)
 
     cdef void fail(self, int status, str reason=None) except *:
         """A client error found while reading the request: answer and close. `reason`
         goes to the error log (a default by status when None)."""
         self.local_status = status
+        self.local_body = None  # it replaces an answer from respond()
         self.close_after = True
         self.client.refuse(self, reason)
 
@@ -482,12 +539,17 @@ cdef class Exchange:
         """The upstream's response head is raw[:end]; its header lines start at `first`."""
         cdef WorkerCore core = self.client.core
         cdef ByteWriter out = core.head_writer
+        cdef ResponseHead edits = None
         self.upstream_time = core.now - self.upstream_start
+        if self.route.response_head_filters:
+            edits = core.head_edits
+            edits.start(status)
+            run_response_head(self.route.response_head_filters, self, edits)
         out.clear()
         self.response_started = True
         self.status = status
         out.add(status_line(status))
-        conn.copy_head(raw, first, end, out)
+        conn.copy_head(raw, first, end, edits.removed if edits is not None else None, out)
         if status == 101:
             self.frame = FRAME_NONE
         elif self.is_head or status == 204 or status == 304:
@@ -498,6 +560,8 @@ cdef class Exchange:
             self.frame = FRAME_CHUNKED
         else:
             self.frame = FRAME_CLOSE
+        if edits is not None and edits.added is not None:
+            out.add(edits.added)
         if conn.resp_server is not None:
             out.add(b"Server: ")
             out.add(conn.resp_server)
@@ -527,7 +591,7 @@ cdef class Exchange:
         cdef ByteWriter out = self.client.core.head_writer
         out.clear()
         out.add(status_line(status))
-        conn.copy_head(raw, first, end, out)
+        conn.copy_head(raw, first, end, None, out)
         out.add(CRLF)
         self.client.write(out.take())
 
@@ -882,6 +946,8 @@ cdef class ClientConnection:
                                   ex.status, total, ex.bytes_in, ex.bytes_out)
         if core.access_log is not None:
             core.access_log.write(ex, self.addr, ex.status, total)
+        if ex.route is not None and ex.route.log_filters:
+            run_log(ex.route.log_filters, ex)
 
     cdef void exchange_done(self, Exchange ex) except *:
         """The response to `ex` is complete: log it, then go on to the next request."""
@@ -1175,6 +1241,7 @@ cdef class ClientConnection:
             ex.upstream.close()
             ex.upstream = None
         ex.local_status = 500
+        ex.local_body = None  # it replaces an answer from respond()
         ex.close_after = True
         self.out = None
         try:

@@ -1,30 +1,22 @@
 # Route matching. Routes are ranked once per reload (Router.__init__); matching is a
 # short scan in rank order where the first full match wins.
 
-cdef enum:
-    HANDLER_PROXY = 1
-    HANDLER_RESPOND = 2
-
-
 cdef class CompiledRoute:
     cdef readonly str name
     cdef bytes log_name       # name, JSON-escaped, for the access log
     cdef int metric_id
-    cdef int handler
     cdef readonly tuple hosts          # exact lower-case hosts
     cdef readonly tuple host_suffixes  # ".example.com" for "*.example.com"
     cdef readonly bytes path
     cdef readonly bytes prefix
     cdef readonly tuple methods
     cdef bytes allow_value    # "GET, HEAD" for 405 answers
-    cdef UpstreamPool pool
+    cdef UpstreamPool pool    # None for a `respond` route (its last request_head filter answers)
     cdef bytes upstream_host  # Host for a request without one (see upstream_host())
-    cdef bytes respond_head   # status line and fixed headers, pre-encoded
-    cdef bytes respond_body
-    cdef int respond_status
     cdef Py_ssize_t max_body_size
     cdef Py_ssize_t max_header_size
-    cdef tuple phases
+    # its filters per hook, in run order (core/filters.pyx); empty tuples for most routes
+    cdef tuple request_head_filters, response_head_filters, log_filters
 
     cdef bint host_matches(self, bytes host):
         cdef bytes suffix

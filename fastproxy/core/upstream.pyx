@@ -541,19 +541,19 @@ cdef class UpstreamConnection:
             self.body_reader.conn = None
             self.body_reader = None
 
-    cdef void copy_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
+    cdef void copy_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end, tuple removed,
                         ByteWriter out) except *:
         """Note the header lines in raw[pos:end] the proxy acts on and copy the others,
-        verbatim, to `out`."""
+        verbatim, to `out`, but those with a name in `removed` (lower-case, or None)."""
         cdef Py_ssize_t mark = out.size
-        self.scan_head(raw, pos, end, None, out)
+        self.scan_head(raw, pos, end, removed, out)
         if self.resp_conn_drop is not None:
             # Connection names other headers: they are hop-by-hop too (rare: rescan)
             out.size = mark
-            self.scan_head(raw, pos, end, self.resp_conn_drop, out)
+            self.scan_head(raw, pos, end, joined(removed, tuple(self.resp_conn_drop)), out)
 
     cdef void scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
-                        frozenset drop, ByteWriter out) except *:
+                        tuple drop, ByteWriter out) except *:
         cdef const char *p = PyBytes_AS_STRING(raw)
         cdef const char *colon
         cdef const char *nl
@@ -575,8 +575,9 @@ cdef class UpstreamConnection:
                 while value_end > value_start and (p[value_end - 1] == b' ' or p[value_end - 1] == b'\t'):
                     value_end -= 1
                 self.note_header(kind, p + value_start, value_end - value_start)
-            elif drop is not None and PyBytes_FromStringAndSize(p + pos, colon - (p + pos)).lower() in drop:
-                keep = False
+            if keep and drop is not None and kind != H_CONTENT_LENGTH and kind != H_DATE \
+                    and listed(p + pos, colon - (p + pos), drop):
+                keep = False  # named in Connection or by a filter (never the framing or Date)
             if keep and run < 0:
                 run = pos
             elif not keep and run >= 0:

@@ -1,15 +1,16 @@
-"""Phases and the filter contract.
+"""Phases and the filter contract (config half; docs/extending.md has the whole picture).
 
-A feature (authentication, rate limiting, caching, compression, ...) is a filter: a
+A feature (header edits, authentication, rate limiting, compression, ...) is a filter: a
 config half in Python (its schema and compile step, run once per reload) and, where it
-runs per request, a runtime half in Cython. A filter declares the phases it hooks and a
-priority; each route compiles one tuple per phase holding only the filters that use it,
-so a route with no filters carries only empty tuples and takes the bare fast path.
+runs per request, a runtime half in Cython (fastproxy/core/filters.pyx). A filter declares
+the phases it hooks and a priority; each route compiles one tuple per phase holding only
+the filters that use it, so a route with no filters carries only empty tuples and takes the
+bare fast path.
 
 Request-side phases run filters in priority order (highest first); response-side phases
 run them in reverse, so the first filter to see the request is the last to see the
 response (as in Kong and Envoy). A hook answers CONTINUE, RESPOND (a local response) or
-PAUSE (resumed later). Filters never call each other.
+PAUSE (resumed later; not supported yet). Filters never call each other.
 """
 from __future__ import annotations
 
@@ -28,14 +29,20 @@ class Phase(enum.IntEnum):
 
 
 RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.LOG})
+# The phases the core runs hooks for today (request_head, response_head, log).
+CORE_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.LOG})
 
 
 class Filter:
-    """Base of a filter's compiled, per-route instance (frozen once built)."""
+    """Base of a filter's compiled, per-route config (a frozen dataclass once built). The
+    class attributes say what the filter is; the dataclass fields, what this route asked."""
 
-    name: str = ""
+    name: str = ""  # its key in [[routes]]
     priority: int = 0  # higher runs earlier on the request side
     phases: FrozenSet[Phase] = frozenset()
+    runtime: str = ""  # the key of its runtime class in the core (FILTER_CLASSES in core/filters.pyx)
+    upstream_only: bool = False  # it acts only on what is sent upstream: refused on a `respond` route
+    doc: str = ""  # the meaning of its key, in the [[routes]] table of docs/config.md
 
 
 def compile_phases(filters) -> tuple:
