@@ -43,6 +43,7 @@ class Filter:
     runtime: str = ""  # the key of its runtime class in the core (FILTER_CLASSES in core/filters.pyx)
     upstream_only: bool = False  # it acts only on what is sent upstream: refused on a `respond` route
     doc: str = ""  # the meaning of its key, in the [[routes]] table of docs/config.md
+    zones: tuple = ()  # the shared-memory zones it needs (ZoneSpec; docs/extending.md, Zones)
 
 
 def compile_phases(filters) -> tuple:
