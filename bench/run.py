@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from bench import report
 from bench.measure import (TICKS, RssSampler, foreign_cpu_ticks, run_wrk, steal_ticks,
@@ -172,13 +172,19 @@ def wait_for_quiet() -> None:
 
 
 def check_targets(sc: Scenario, targets: Dict[str, Target], origin: Origin) -> None:
-    """One request per target before measuring: each must answer as the origin does."""
+    """One request per target before measuring: each must answer as the origin does, and each
+    proxy with the response headers the scenario has it add."""
     _, _, want = http_get(origin.port, sc.path)
     for t in targets.values():
-        status, _, body = http_get(t.port, sc.path)
+        status, headers, body = http_get(t.port, sc.path)
         if status != 200 or body != want:
             raise RuntimeError(f"{t.name} {sc.path}: status {status}, {len(body)} bytes, "
                                f"origin sends {len(want)}")
+        for line in sc.response_headers if t.pid else ():
+            name, _, value = line.partition(": ")
+            if headers.get(name.lower()) != value:
+                raise RuntimeError(f"{t.name} {sc.path}: {name} is {headers.get(name.lower())!r}, "
+                                   f"not {value!r}: is the scenario's config snippet in place?")
 
 
 def run_scenario(sc: Scenario, targets: Dict[str, Target], origin: Origin, args,
@@ -281,14 +287,16 @@ def preflight(names: List[str]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
+        width = max(len(s.name) for s in SCENARIOS)
         for s in SCENARIOS:
-            print(f"{s.name:10} {s.description}  [{', '.join(s.targets)}]")
+            print(f"{s.name:{width}} {s.description}  [{', '.join(s.targets)}]")
         return 0
     scenarios = select(args)
-    all_names: List[str] = []
+    # a target runs once per set of config snippets its scenarios need
+    wanted: Dict[Tuple[Optional[str], str], None] = {}
     for sc in scenarios:
-        all_names += [n for n in scenario_targets(sc, args) if n not in all_names]
-    preflight(all_names)
+        wanted.update(dict.fromkeys((sc.snippets, n) for n in scenario_targets(sc, args)))
+    preflight(list(dict.fromkeys(n for _, n in wanted)))
     args.out.mkdir(parents=True, exist_ok=True)
 
     # SIGTERM/SIGHUP stop the run like ^C does: through the finally below.
@@ -298,8 +306,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     origin = Origin(args.keep)
-    targets = make_targets(all_names, origin, args.access_log == "on", args.keep,
-                           args.before.resolve() if args.before else None)
+    targets: Dict[Tuple[Optional[str], str], Target] = {}
+    for snippets in dict.fromkeys(s for s, _ in wanted):
+        made = make_targets([n for s, n in wanted if s == snippets], origin, args.access_log == "on",
+                            args.keep, args.before.resolve() if args.before else None, snippets)
+        targets.update({(snippets, n): t for n, t in made.items()})
     results = []
     started = time.monotonic()
     try:
@@ -310,7 +321,7 @@ def main(argv=None) -> int:
         # Runs with the access log on keep their own files beside the default ones.
         stem = str(datetime.date.today()) + ("-accesslog" if args.access_log == "on" else "")
         for sc in scenarios:
-            mine = {n: targets[n] for n in scenario_targets(sc, args)}
+            mine = {n: targets[(sc.snippets, n)] for n in scenario_targets(sc, args)}
             if args.profile:
                 profile(sc, mine["fastproxy-1w"], origin, args, workdir, args.out)
                 continue

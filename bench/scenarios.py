@@ -1,7 +1,8 @@
 """The benchmark scenarios, as data.
 
-A scenario says what wrk sends (path, Lua script, extra headers, connections) and
-which targets the default run measures it on. The runner knows nothing else about them.
+A scenario says what wrk sends (path, Lua script, extra headers, connections), which
+targets the default run measures it on, and what it adds to their configurations. The
+runner knows nothing else about them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class Scenario:
     unit: str = "req/s"  # headline figure: "req/s", or "MB/s" for large bodies
     targets: Tuple[str, ...] = ONE_WORKER  # measured by default
     reload_every: float = 0.0  # seconds between reloads of the target during the run
+    # a directory of bench/configs/ holding a snippet per target's config file, inserted where
+    # that file says {{snippet}}: the targets of this scenario run with it
+    snippets: Optional[str] = None
+    response_headers: Tuple[str, ...] = ()  # "name: value" each proxy must answer with (checked)
 
 
 SCENARIOS = (
@@ -43,6 +48,10 @@ SCENARIOS = (
              connections=2000),
     Scenario("chunked", "GET ~16 KiB sent chunked by the origin, keep-alive, 64 connections",
              "/chunked"),
+    Scenario("headers-transform", "GET 100 B, keep-alive, 64 connections; each proxy sets 2 request "
+             "headers, removes 1 and sets 2 response headers", "/100b", headers=("X-Debug: 1",),
+             snippets="headers-transform",
+             response_headers=("X-Frame-Options: DENY", "X-Content-Type-Options: nosniff")),
     Scenario("reload", "GET 100 B, keep-alive, 64 connections, target reloaded every second",
              "/100b", targets=RELOADABLE, reload_every=1.0),
 )

@@ -184,10 +184,11 @@ class Target:
     workers = 1
     baseline: Optional[str] = None  # the nginx target this one is compared with
 
-    def __init__(self, origin: Origin, access_log: bool, keep: bool):
+    def __init__(self, origin: Origin, access_log: bool, keep: bool, snippets: Optional[str] = None):
         self.origin = origin
         self.access_log = access_log
         self.keep = keep
+        self.snippets = snippets
         self.port = origin.port
         self.server: Optional[Server] = None
         self.dir: Optional[Workdir] = None
@@ -209,6 +210,10 @@ class Target:
 
     def start(self) -> None:
         pass
+
+    def snippet(self, config: str) -> str:
+        """What the scenario adds to config file `config` (empty without snippets)."""
+        return (HERE / "configs" / self.snippets / config).read_text().rstrip("\n") if self.snippets else ""
 
     def _launch(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
         self.server = Server(self.name, argv, self.dir.path, PROXY_CPU if self.pinned else None,
@@ -249,7 +254,8 @@ class Nginx(Target):
         self.conf = d / "nginx.conf"
         self.conf.write_text(render("configs/nginx.conf", dir=d, port=self.port,
                                     workers=self.workers, origin_port=self.origin.port,
-                                    keepalive=UPSTREAM_KEEPALIVE, access_log=log))
+                                    keepalive=UPSTREAM_KEEPALIVE, access_log=log,
+                                    snippet=self.snippet("nginx.conf")))
         self._launch(["nginx", "-p", str(d), "-c", str(self.conf)])
 
     def reload(self) -> None:
@@ -275,7 +281,7 @@ class HAProxy(Target):
         conf.write_text(render("configs/haproxy.cfg", dir=d, port=self.port,
                                threads=self.workers, origin_port=self.origin.port,
                                keepalive=UPSTREAM_KEEPALIVE, global_log=global_log,
-                               defaults_log=defaults_log))
+                               defaults_log=defaults_log, snippet=self.snippet("haproxy.cfg")))
         self._launch(["haproxy", "-W", "-f", str(conf)])
 
     def reload(self) -> None:
@@ -298,7 +304,8 @@ class FastProxy(Target):
         conf.write_text(render("configs/fastproxy.toml", dir=d, port=self.port,
                                workers=self.workers, origin_port=self.origin.port,
                                keepalive=UPSTREAM_KEEPALIVE,
-                               access_log=d / "access.log" if self.access_log else "off"))
+                               access_log=d / "access.log" if self.access_log else "off",
+                               snippet=self.snippet("fastproxy.toml")))
         # The checkout measured: this bench's own, or the one given with --before.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.tree),
@@ -310,15 +317,17 @@ class FastProxy(Target):
 
 
 def make_targets(names, origin: Origin, access_log: bool, keep: bool,
-                 before: Optional[Path] = None) -> Dict[str, Target]:
-    kinds = {"direct": lambda: Direct(origin, access_log, keep)}
+                 before: Optional[Path] = None, snippets: Optional[str] = None) -> Dict[str, Target]:
+    """Targets by name; with `snippets`, their configs get a scenario's additions."""
+    common = (origin, access_log, keep, snippets)
+    kinds = {"direct": lambda: Direct(*common)}
     for n in (1, 2):
-        kinds[f"fastproxy-{n}w"] = lambda n=n: FastProxy(n, origin, access_log, keep)
+        kinds[f"fastproxy-{n}w"] = lambda n=n: FastProxy(n, *common)
         if before is not None:
             kinds[f"fastproxy-{n}w-before"] = lambda n=n: FastProxy(
-                n, origin, access_log, keep, tree=before, suffix="-before")
-        kinds[f"nginx-{n}w"] = lambda n=n: Nginx(n, origin, access_log, keep)
-        kinds[f"haproxy-{n}t"] = lambda n=n: HAProxy(n, origin, access_log, keep)
+                n, *common, tree=before, suffix="-before")
+        kinds[f"nginx-{n}w"] = lambda n=n: Nginx(n, *common)
+        kinds[f"haproxy-{n}t"] = lambda n=n: HAProxy(n, *common)
     unknown = [n for n in names if n not in kinds]
     if unknown:
         raise SystemExit(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(kinds)}")
