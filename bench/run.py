@@ -85,7 +85,7 @@ def scenario_targets(sc: Scenario, args) -> List[str]:
     if args.profile:
         return ["fastproxy-1w"]
     names = args.targets.split(",") if args.targets else list(sc.targets)
-    if args.before is not None:
+    if args.before is not None and not sc.snippets:  # a feature's own scenario has no "before"
         names += [n + "-before" for n in names if n.startswith("fastproxy-")]
     if sc.reload_every:
         names = [n for n in names if n != "direct"]  # the origin is not reloaded
