@@ -277,17 +277,15 @@ cdef int socket_queued(int fd) noexcept:
     return queued
 
 
-cdef Py_ssize_t socket_send_room(int fd) noexcept:
-    """About how many bytes the kernel would take on socket `fd` now (0 when unknown): its
-    send buffer less what is queued in it, less an eighth for the kernel's own overhead per
-    segment (a full loopback socket stops taking data at about 91 % of SO_SNDBUF)."""
-    cdef int size = 0, queued
+cdef int socket_send_capacity(int fd) noexcept:
+    """About how many bytes of data socket `fd`'s kernel send buffer holds (0 when unknown):
+    SO_SNDBUF less an eighth for the kernel's own overhead per segment (a full loopback
+    socket stops taking data at about 91 % of it). The kernel may grow it as it sends."""
+    cdef int size = 0
     cdef socklen_t length = sizeof(size)
     if getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &length) != 0:
         return 0
-    queued = socket_queued(fd)
-    size -= size >> 3
-    return size - queued if size > queued else 0
+    return size - (size >> 3)
 
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -660,6 +660,7 @@ cdef class ClientConnection:
     cdef bint chunk_ext
     cdef bint closing, write_paused, parse_failed, upgraded
     cdef int fd                  # the socket's descriptor, once looked up (see send_room)
+    cdef int send_capacity       # its kernel send buffer, as last looked up (see send_room)
 
     def __init__(self, WorkerCore core):
         self.core = core
@@ -880,10 +881,17 @@ cdef class ClientConnection:
     cdef Py_ssize_t send_room(self) except -1:
         """How much more can be written before the client is paused: what its socket takes
         now plus what its write buffer may hold below the high-water mark."""
+        cdef Py_ssize_t queued, room
         if self.fd == 0:
             self.fd = self.transport.get_extra_info("socket").fileno()
-        return socket_send_room(self.fd) + CLIENT_HIGH_WATER \
-            - self.transport.get_write_buffer_size()
+            self.send_capacity = socket_send_capacity(self.fd)
+        queued = socket_queued(self.fd)
+        if self.send_capacity - queued < BODY_READ_MAX:
+            # the kernel may have grown the buffer since we looked: look again (a second
+            # system call, only when the room seems short)
+            self.send_capacity = socket_send_capacity(self.fd)
+        room = self.send_capacity - queued if self.send_capacity > queued else 0
+        return room + CLIENT_HIGH_WATER - self.transport.get_write_buffer_size()
 
     cdef void write(self, bytes data) except *:
         if self.current is not None:

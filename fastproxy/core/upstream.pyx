@@ -33,14 +33,15 @@ class _BadResponse(Exception):
 
 @cython.final
 cdef class BodyReader:
-    """An upstream connection's protocol for the rest of a long response body (LONG_BODY), or
-    from the moment its client fell behind until the response ends. uvloop then reads into the buffer get_buffer returns, so each read lands
-    in the worker's one read buffer and is no larger than the client can take (its socket's
-    free space plus its write buffer's room): a client that stops reading holds its
-    high-water mark and what was read before it fell behind, not one more 256 KiB read per
-    resume; and the body is not copied into a bytes object before httptools slices it.
-    Short responses to clients that keep up never switch: a switch restarts uvloop's reading
-    twice, and the plain protocol costs fewer calls per read."""
+    """An upstream connection's protocol once it carried a long response body (LONG_BODY) or
+    its client fell behind, for the rest of its life (switching back would restart uvloop's
+    reading again on every long response). uvloop then reads into the buffer get_buffer
+    returns, so each read lands in the worker's one read buffer and is no larger than the
+    client can take (its socket's free space plus its write buffer's room): a client that
+    stops reading holds its high-water mark and what was read before it fell behind, not one
+    more 256 KiB read per resume; and the body is not copied into a bytes object before
+    httptools slices it. Connections that only carry short responses to clients that keep
+    up never switch: the plain protocol costs fewer calls per read."""
     cdef UpstreamConnection conn
 
     def get_buffer(self, Py_ssize_t size_hint):
@@ -633,8 +634,6 @@ cdef class UpstreamConnection:
         # sent later, they would be read as the next request
         cdef bint reusable = self.resp_keep_alive and ex.request_done and not ex.upgrading \
             and not self.write_blocked
-        if self.body_reader is not None:
-            self.read_body_into_buffer(False)
         self.requests += 1
         self.stop_waiting()
         if reusable:
