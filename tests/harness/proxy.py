@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set
 
-from .client import RawClient, ServerClosed, fetch, get_json
+from .client import ServerClosed, fetch, get_json
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 15.0
