@@ -65,6 +65,21 @@ def test_every_builtin_has_its_runtime_class_in_the_core():
     assert sorted(t.config.runtime for t in FILTERS) == sorted(_core.FILTER_CLASSES)
 
 
+def test_every_handler_runs_in_the_core_and_has_its_key_in_routes(tmp_path):
+    """A handler type is one registry entry: its key reaches [[routes]] (and the docs), and
+    its compiled handler names a runtime the core has."""
+    from fastproxy import _core
+    from fastproxy.config import handlers, schema
+    routes = next(s for s in schema.sections() if s.name == "routes")
+    assert [h.key for h in handlers.HANDLERS] == [k for k in routes.keys if k in handlers.route_keys()]
+    conf = tmp_path / "h.toml"
+    conf.write_text('[[listen]]\naddress = "127.0.0.1:1"\n[upstreams.app]\nservers = ["127.0.0.1:2"]\n'
+                    '[[routes]]\npath = "/a"\nupstream = "app"\n'
+                    '[[routes]]\npath = "/b"\nrespond = { status = 200 }\n')
+    runtimes = {route.handler.runtime for route in load_runtime(str(conf)).routes}
+    assert runtimes == {"proxy", "respond"} and runtimes - {"proxy"} <= set(_core.HANDLER_CLASSES)
+
+
 def test_a_filter_type_must_hook_phases_the_core_runs():
     @dataclasses.dataclass(frozen=True)
     class BodyFilter(RequestHeaders):

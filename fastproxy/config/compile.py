@@ -11,9 +11,9 @@ from typing import Optional
 from fastproxy.filters import registry  # a module, not its names: the registry imports schema
 from fastproxy.filters.base import compile_phases
 
-from .runtime import (AccessLog, Address, Admin, Listener, Main, Proxy, Respond, Route, Runtime,
-                      Upstream)
-from .schema import Report, did_you_mean
+from . import handlers
+from .runtime import AccessLog, Address, Admin, Listener, Main, Route, Runtime, Upstream
+from .schema import Report
 
 _MATCH_KEYS = ("name", "host", "path", "path_prefix", "methods")
 _ANY_IP = ("0.0.0.0", "::")
@@ -23,13 +23,12 @@ def check_references(tree: dict, report: Report) -> None:
     """Report what no single key can know: overlapping listeners, route handlers and the
     upstreams they name, and route names that clash."""
     _check_listeners(tree, report)
-    upstreams = tree.get("upstreams") or {}
     first_with_name = {}
     for index, route in enumerate(tree.get("routes") or ()):
         if route is None:
             continue
         where = f"routes[{index}]"
-        _check_route(route, where, upstreams, report)
+        _check_route(route, where, tree, report)
         name = route_name(route)
         if name is None:
             continue
@@ -75,26 +74,10 @@ def _check_listeners(tree: dict, report: Report) -> None:
             break
 
 
-def _check_route(route: dict, where: str, upstreams: dict, report: Report) -> None:
+def _check_route(route: dict, where: str, tree: dict, report: Report) -> None:
     if route.get("path") is not None and route.get("path_prefix") is not None:
         report(where, "set at most one of 'path' and 'path_prefix'")
-    if "upstream" in route and "respond" in route:
-        handlers = [key for key in ("upstream", "respond") if route[key] is not None]
-        if len(handlers) != 1:
-            report(where, "set exactly one of 'upstream' and 'respond'" + (" (both are set)" if handlers else ""))
-    upstream = route.get("upstream")
-    if upstream is not None and upstream not in upstreams:
-        known = did_you_mean(upstream, upstreams) or (
-            f" (defined: {', '.join(sorted(upstreams))})" if upstreams else " (no [upstreams.NAME] is defined)")
-        report(f"{where}.upstream", f"unknown upstream '{upstream}'{known}")
-    respond = route.get("respond")
-    if respond is not None:
-        for compiled in registry.route_filters(route):
-            if compiled.upstream_only:
-                report(f"{where}.{compiled.name}", "has no effect on a route that answers with `respond` "
-                                                   "(nothing is sent upstream)")
-    if respond and respond["body"] and (respond["status"] < 200 or respond["status"] in (204, 304)):
-        report(f"{where}.respond.body", f"a {respond['status']} response cannot have a body")
+    handlers.check_route(route, where, tree, registry.route_filters(route), report)
 
 
 def route_name(route: dict) -> Optional[str]:
@@ -133,10 +116,7 @@ def build_runtime(tree: dict, source: str) -> Runtime:
         path=_ascii(route["path"]),
         path_prefix=_ascii(route["path_prefix"]),
         methods=tuple(dict.fromkeys(method.encode("ascii") for method in route["methods"] or ())),
-        handler=Proxy(route["upstream"]) if route["upstream"] is not None else Respond(
-            status=route["respond"]["status"],
-            body=route["respond"]["body"].encode(),
-            headers=tuple((name.encode("ascii"), value.encode()) for name, value in route["respond"]["headers"])),
+        handler=handlers.route_handler(route),
         max_body_size=main["max_body_size"] if route["max_body_size"] is None else route["max_body_size"],
         max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
         phases=compile_phases(registry.route_filters(route)),

@@ -7,7 +7,7 @@ sizes are int bytes, so the core never parses or converts anything per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,20 @@ class Upstream:
     send_timeout: float
 
 
+# Route handlers (config/handlers.py): `runtime` names the core class that runs one
+# (HANDLER_CLASSES in core/filters.pyx); "proxy" is the core's own path upstream.
+
 @dataclass(frozen=True)
 class Proxy:
     """Route handler: forward to an upstream."""
+    runtime: ClassVar[str] = "proxy"
     upstream: str
 
 
 @dataclass(frozen=True)
 class Respond:
     """Route handler: answer locally with a fixed response."""
+    runtime: ClassVar[str] = "respond"
     status: int
     body: bytes
     headers: Tuple[Tuple[bytes, bytes], ...]

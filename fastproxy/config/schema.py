@@ -544,8 +544,9 @@ RESPOND = Section("respond", "[[routes]].respond", TABLE, OFF, (
     Key("headers", Headers(), {}, "Response headers; `Content-Length` is added by fastproxy."),
 ), "A fixed local response, written inline: `respond = { status = 200, body = \"ok\\n\" }`.")
 
-# [[routes]] without the filters' keys, which sections() adds.
-_ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (
+# [[routes]] without the keys of the handlers and filters, which sections() adds: the keys
+# that match requests, then the handlers' (config/handlers.py), the limits, the filters'.
+_ROUTE_MATCH_KEYS = (
     Key("name", String(), None, "Label in metrics and logs; must be unique.", "derived from the match"),
     Key("host", ListOf(HostPattern(), "host name or array of them", single=True), None,
         'Host header values to match, without port; `"*.example.com"` matches any subdomain of example.com.',
@@ -555,24 +556,26 @@ _ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (
         "neither: every path)."),
     Key("methods", ListOf(Method(), "array of methods"), None, 'Methods to match, e.g. `["GET", "HEAD"]`.',
         "any method"),
-    Key("upstream", String(), None, "Name of the `[upstreams.NAME]` to proxy to (exactly one of "
-        "`upstream` and `respond`)."),
-    Key("respond", Table(RESPOND), None, "Answer locally instead; see below."),
+)
+_ROUTE_LIMIT_KEYS = (
     Key("max_body_size", Size(zero=True), None, "Overrides `[main]` `max_body_size` for this route.",
         "from `[main]`"),
     Key("max_header_size", Size(), None, "Overrides `[main]` `max_header_size` for this route.",
         "from `[main]`"),
-), "What to do with a request: the most specific matching route wins (see Route matching). At least one "
-   "is required.")
+)
+_ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (), "What to do with a request: the most specific "
+                  "matching route wins (see Route matching). At least one is required.")
 
 
 @functools.lru_cache(maxsize=None)
 def sections() -> Tuple[Section, ...]:
-    """The sections of the file, [[routes]] with a key per filter type. The filter registry is
-    imported here rather than at the top because the filters build their keys from the kinds
-    above."""
-    from fastproxy.filters.registry import route_keys
-    routes = dataclasses.replace(_ROUTES, keys=_ROUTES.keys + route_keys())
+    """The sections of the file, [[routes]] with a key per handler and filter type. Their
+    registries are imported here rather than at the top because they build their keys from
+    the kinds above."""
+    from fastproxy.config import handlers
+    from fastproxy.filters import registry
+    routes = dataclasses.replace(_ROUTES, keys=_ROUTE_MATCH_KEYS + handlers.route_keys() + _ROUTE_LIMIT_KEYS
+                                 + registry.route_keys())
     return (MAIN, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes)
 
 

@@ -116,12 +116,12 @@ cdef class WorkerCore:
         cr.max_body_size = route.max_body_size
         cr.max_header_size = route.max_header_size
         request_head, cr.response_head_filters, cr.log_filters = route_hooks(route.phases)
-        if hasattr(handler, "upstream"):
+        if handler.runtime == "proxy":
             cr.pool = self.pools_by_name[handler.upstream]
             cr.upstream_host = upstream_host(cr.pool)
             cr.request_head_filters = request_head
-        else:
-            cr.request_head_filters = request_head + (Respond(handler),)
+        else:  # a local handler answers as the route's last request_head filter
+            cr.request_head_filters = request_head + (HANDLER_CLASSES[handler.runtime](handler),)
         return cr
 
     def protocol_factory(self):

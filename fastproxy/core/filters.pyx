@@ -145,6 +145,9 @@ cdef class Respond(Filter):
 
 # The runtime class of each compiled config, by its `runtime` key (base.Filter.runtime).
 FILTER_CLASSES = {"request_headers": RequestHeaders, "response_headers": ResponseHeaders}
+# The runtime class of each local handler, by its `runtime` key (config/runtime.py): one
+# request_head filter that always answers, run after the route's other filters.
+HANDLER_CLASSES = {"respond": Respond}
 
 
 def route_hooks(phases):
