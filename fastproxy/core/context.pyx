@@ -115,7 +115,8 @@ cdef class WorkerCore:
         cr.methods = tuple(route.methods)
         cr.max_body_size = route.max_body_size
         cr.max_header_size = route.max_header_size
-        request_head, cr.response_head_filters, cr.log_filters = route_hooks(route.phases)
+        (request_head, cr.response_head_filters, cr.response_body_filters, cr.log_filters,
+         cr.slot_count) = route_hooks(route.phases)
         if handler.runtime == "proxy":
             cr.pool = self.pools_by_name[handler.upstream]
             cr.upstream_host = upstream_host(cr.pool)

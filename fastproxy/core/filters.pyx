@@ -17,6 +17,9 @@ cdef enum:
 cdef class Filter:
     """Base of a filter's runtime half: every hook continues. A subclass overrides the hooks
     of the phases its config half declares (base.Filter.phases)."""
+    # index of its per-request slot in ex.slots when its config is `stateful`, else -1;
+    # given by route_hooks (several routes may share nothing: one object per route)
+    cdef Py_ssize_t slot
 
     def __init__(self, config):
         pass
@@ -32,6 +35,13 @@ cdef class Filter:
         or a local answer from ex.respond()): may edit its headers through `head`."""
         return FILTER_CONTINUE
 
+    cdef bytes response_body(self, Exchange ex, bytes data, bint end):
+        """A piece of the body going to the client (`end`: the last call, after the body's
+        last piece, so a codec can flush its trailer; `data` may then be empty). Returns what
+        to pass on, possibly b"". Only for responses with a body whose head went through the
+        route's response_head hooks; a local answer gets one call with its whole body."""
+        return data
+
     cdef int log(self, Exchange ex) except -1:
         """The exchange is over (ex.status is what the client got; 499 if it left first)."""
         return FILTER_CONTINUE
@@ -44,21 +54,116 @@ cdef class ResponseHead:
     cdef int status
     cdef tuple removed  # lower-case names of the headers left out
     cdef bytes added    # header lines appended
+    cdef bint length_dropped  # drop_length() was called
+    # what the headers are read from: the upstream's head (its header lines are
+    # raw[first:end]) or a local answer's pairs and body length
+    cdef bytes raw
+    cdef Py_ssize_t first, end
+    cdef tuple pairs
+    cdef Py_ssize_t local_length
 
-    cdef void start(self, int status) noexcept:
+    cdef void start(self, int status, bytes raw, Py_ssize_t first, Py_ssize_t end,
+                    tuple pairs, Py_ssize_t local_length) noexcept:
         self.status = status
         self.removed = None
         self.added = None
+        self.length_dropped = False
+        self.raw = raw
+        self.first = first
+        self.end = end
+        self.pairs = pairs
+        self.local_length = local_length
+
+    cdef void finish(self) noexcept:
+        """The head is built: let go of what it was read from."""
+        self.raw = None
+        self.pairs = None
+
+    cdef bytes header(self, bytes lower_name):
+        """The value of the response's header `lower_name` (lower-case) as received, the
+        values of repeated lines joined with ", "; None when absent. Edits made by earlier
+        hooks are not reflected."""
+        cdef const char *p
+        cdef const char *colon
+        cdef const char *nl
+        cdef Py_ssize_t pos, eol, start, stop
+        cdef bytes found = None, value
+        cdef tuple names = (lower_name,)
+        if self.pairs is not None:
+            for name, value in self.pairs:
+                if name_listed(<bytes>name, names):
+                    found = value if found is None else found + b", " + value
+            return found
+        if self.raw is None:
+            return None
+        p = PyBytes_AS_STRING(self.raw)
+        pos = self.first
+        while pos < self.end:
+            nl = <const char *>memchr(p + pos, b'\n', self.end - pos)
+            eol = nl - p
+            colon = <const char *>memchr(p + pos, b':', eol - pos)
+            if colon != NULL and listed(p + pos, colon - (p + pos), names):
+                start = colon + 1 - p
+                stop = eol - 1  # before the CR
+                while start < stop and (p[start] == b' ' or p[start] == b'\t'):
+                    start += 1
+                while stop > start and (p[stop - 1] == b' ' or p[stop - 1] == b'\t'):
+                    stop -= 1
+                value = PyBytes_FromStringAndSize(p + start, stop - start)
+                found = value if found is None else found + b", " + value
+            pos = eol + 1
+        return found
+
+    cdef Py_ssize_t content_length(self) except -2:
+        """The body's length as the response declares it (a local answer's body, the
+        upstream's Content-Length); -1 when unknown (chunked, or until the upstream closes)."""
+        cdef bytes value
+        if self.pairs is not None:
+            return self.local_length
+        value = self.header(b"content-length")
+        if value is None:
+            return -1
+        return parse_length(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+
+    cdef int drop_length(self) except -1:
+        """The framing decision: the body's length becomes unknown (a body hook changes
+        it), so Content-Length is not sent and the body goes chunked to an HTTP/1.1 client,
+        close-delimited to an HTTP/1.0 one. A local answer's body is whole: it gets the
+        Content-Length of what the body hooks return instead."""
+        self.length_dropped = True
+        return 0
 
     cdef int remove_headers(self, tuple lower_names) except -1:
-        """Leave out every header with one of these names (lower-case)."""
+        """Leave out every header with one of these names (lower-case): the response's own,
+        and the lines earlier hooks added."""
         self.removed = joined(self.removed, lower_names)
+        if self.added is not None:
+            self.added = without_lines(self.added, lower_names)
         return 0
 
     cdef int add_header_lines(self, bytes lines) except -1:
         """Append these header lines ("Name: value\\r\\n" each, checked when compiled)."""
         self.added = joined(self.added, lines)
         return 0
+
+
+cdef bytes without_lines(bytes lines, tuple lower_names):
+    """Header lines ("Name: value\r\n" each) but those with one of these names."""
+    cdef const char *p = PyBytes_AS_STRING(lines)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(lines), pos = 0, eol
+    cdef const char *colon
+    cdef ByteWriter out = None
+    while pos < n:
+        eol = <const char *>memchr(p + pos, b'\n', n - pos) - p + 1
+        colon = <const char *>memchr(p + pos, b':', eol - pos)
+        if listed(p + pos, colon - (p + pos), lower_names):
+            if out is None:
+                out = ByteWriter(n)
+                out.add_raw(p, pos)
+        elif out is not None:
+            out.add_raw(p + pos, eol - pos)
+        pos = eol
+    return lines if out is None else out.take()
 
 
 cdef int run_request_head(tuple filters, Exchange ex) except -1:
@@ -83,6 +188,19 @@ cdef int run_response_head(tuple filters, Exchange ex, ResponseHead head) except
             raise RuntimeError("%s.response_head did not continue (only request_head may answer yet)"
                                % type(filters[i]).__name__)
     return 0
+
+
+cdef bytes run_response_body(tuple filters, Exchange ex, bytes data, bint end):
+    """The response_body hooks in order, each given what the previous one returned; a piece
+    that became empty goes no further (but the end call always reaches every hook)."""
+    cdef Py_ssize_t i
+    for i in range(len(filters)):
+        data = (<Filter>filters[i]).response_body(ex, data, end)
+        if data is None:
+            raise RuntimeError("%s.response_body returned None" % type(filters[i]).__name__)
+        if not end and PyBytes_GET_SIZE(data) == 0:
+            return data
+    return data
 
 
 cdef int run_log(tuple filters, Exchange ex) except -1:
@@ -151,13 +269,22 @@ HANDLER_CLASSES = {"respond": Respond}
 
 
 def route_hooks(phases):
-    """(request_head, response_head, log): the runtime filters of a route's compiled phases,
-    each tuple in run order. A filter with several hooks is one object in each tuple."""
-    made = {}
-
-    def runtime(config):
-        if id(config) not in made:
-            made[id(config)] = FILTER_CLASSES[config.runtime](config)
-        return made[id(config)]
-    return tuple(tuple(runtime(config) for config in phases[phase])
-                 for phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.LOG))
+    """(request_head, response_head, response_body, log, slots): the runtime filters of a
+    route's compiled phases, each tuple in run order, and how many per-request slots its
+    stateful filters need (each is given its index in ex.slots). A filter with several
+    hooks is one object in each tuple."""
+    cdef Filter made
+    cdef Py_ssize_t slots = 0
+    by_config = {}
+    for phase in phases:
+        for config in phase:
+            if id(config) not in by_config:
+                made = FILTER_CLASSES[config.runtime](config)
+                made.slot = -1
+                if config.stateful:
+                    made.slot = slots
+                    slots += 1
+                by_config[id(config)] = made
+    return tuple(tuple(by_config[id(config)] for config in phases[phase])
+                 for phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS,
+                               Phase.RESPONSE_BODY, Phase.LOG)) + (slots,)

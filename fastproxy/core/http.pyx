@@ -96,6 +96,7 @@ cdef class Exchange:
     cdef bytes added_headers    # header lines request_head filters added
     cdef tuple local_headers    # a local answer's (name, value) pairs, from respond()
     cdef bytes local_body       # its body; None for fastproxy's own error answers
+    cdef list slots             # per-request state of the route's stateful filters, else None
     cdef list up_out            # upstream-bound bytes not yet written
     cdef Py_ssize_t up_out_size
     cdef bytes upstream_head    # kept for a retry on a fresh connection
@@ -108,6 +109,7 @@ cdef class Exchange:
     cdef bint has_connection, conn_upgrade
     cdef bint upgrade_websocket, upgrading, is_head, head_done, request_done
     cdef bint response_started, response_done, aborted, retried, close_after
+    cdef bint body_hooks        # the response body goes through the route's response_body hooks
     cdef Py_ssize_t content_length, body_received, head_size
     cdef Py_ssize_t bytes_in, bytes_out
     cdef double started_at, upstream_start, upstream_time
@@ -234,6 +236,8 @@ cdef class Exchange:
         if self.route.max_body_size and self.content_length > self.route.max_body_size:
             self.fail(413)
             return
+        if self.route.slot_count:
+            self.slots = [None] * self.route.slot_count
         if self.route.request_head_filters and \
                 run_request_head(self.route.request_head_filters, self) == FILTER_RESPOND:
             return
@@ -399,6 +403,20 @@ cdef class Exchange:
         self.added_headers = joined(self.added_headers, lines)
         return 0
 
+    cdef bytes request_header(self, bytes lower_name):
+        """The value of the client's request header `lower_name` (lower-case), the values of
+        repeated lines joined with ", "; None when absent. Only end-to-end headers are kept
+        (not Host, the framing, hop-by-hop or X-Forwarded-* ones)."""
+        cdef list headers = self.fwd_headers
+        cdef tuple names = (lower_name,)
+        cdef bytes found = None, value
+        cdef Py_ssize_t i
+        for i in range(0, len(headers), 2):
+            if name_listed(<bytes>headers[i], names):
+                value = <bytes>headers[i + 1]
+                found = value if found is None else found + b", " + value
+        return found
+
     cdef int respond(self, int status, tuple headers, bytes body) except -1:
         """From a request_head hook, which then returns FILTER_RESPOND: answer with this
         status, (name, value) header pairs (checked when compiled) and body, without
@@ -471,8 +489,7 @@ cdef class Exchange:
         self.status = self.local_status
         self.frame = FRAME_LENGTH
         if self.local_body is not None:
-            body = self.local_body
-            self.local_head(core, out)
+            body = self.local_head(core, out)
         else:
             body = error_body(self.status, self.request_id if self.request_id is not None else b"")
             out.add(status_line(self.status))
@@ -497,17 +514,21 @@ cdef class Exchange:
         client.write(out.take())
         self.response_complete()
 
-    cdef void local_head(self, WorkerCore core, ByteWriter out) except *:
-        """The head of an answer from respond(), up to its Content-Length."""
+    cdef bytes local_head(self, WorkerCore core, ByteWriter out):
+        """The head of an answer from respond(), up to its Content-Length; returns the body
+        to send. The body hooks get the whole body in one call (end of stream), so its
+        length is known whatever the framing decision: it is sent with a Content-Length."""
         cdef ResponseHead edits = None
         cdef tuple removed = None
         cdef bytes name
+        cdef bytes body = self.local_body
         out.add(status_line(self.status))
         out.add(core.server_line)
         if self.route.response_head_filters:
             edits = core.head_edits
-            edits.start(self.status)
+            edits.start(self.status, None, 0, 0, self.local_headers, len(body))
             run_response_head(self.route.response_head_filters, self, edits)
+            edits.finish()
             removed = edits.removed
         for name, value in self.local_headers:
             if removed is None or not name_listed(name, removed):
@@ -517,9 +538,12 @@ cdef class Exchange:
                 out.add(CRLF)
         if edits is not None and edits.added is not None:
             out.add(edits.added)
+        if self.route.response_body_filters and not self.is_head:
+            body = run_response_body(self.route.response_body_filters, self, body, True)
         out.add(b"Content-Length: ")
-        out.add_decimal(len(self.local_body))
+        out.add_decimal(len(body))
         out.add(CRLF)
+        return body
 
     cdef void fail(self, int status, str reason=None) except *:
         """A client error found while reading the request: answer and close. `reason`
@@ -540,26 +564,33 @@ cdef class Exchange:
         cdef WorkerCore core = self.client.core
         cdef ByteWriter out = core.head_writer
         cdef ResponseHead edits = None
+        cdef bint keep_length = True
         self.upstream_time = core.now - self.upstream_start
         if self.route.response_head_filters:
             edits = core.head_edits
-            edits.start(status)
+            edits.start(status, raw, first, end, None, -1)
             run_response_head(self.route.response_head_filters, self, edits)
+            edits.finish()
+            keep_length = not edits.length_dropped
         out.clear()
         self.response_started = True
         self.status = status
         out.add(status_line(status))
-        conn.copy_head(raw, first, end, edits.removed if edits is not None else None, out)
+        conn.copy_head(raw, first, end, edits.removed if edits is not None else None,
+                       keep_length, out)
         if status == 101:
             self.frame = FRAME_NONE
         elif self.is_head or status == 204 or status == 304:
             self.frame = FRAME_NONE
-        elif conn.resp_has_length:
+        elif conn.resp_has_length and keep_length:
             self.frame = FRAME_LENGTH
         elif self.http11:
             self.frame = FRAME_CHUNKED
         else:
             self.frame = FRAME_CLOSE
+        # a body hook sees the body of a response whose head its route's hooks saw
+        self.body_hooks = self.frame != FRAME_NONE and edits is not None \
+            and len(self.route.response_body_filters) > 0
         if edits is not None and edits.added is not None:
             out.add(edits.added)
         if conn.resp_server is not None:
@@ -591,11 +622,18 @@ cdef class Exchange:
         cdef ByteWriter out = self.client.core.head_writer
         out.clear()
         out.add(status_line(status))
-        conn.copy_head(raw, first, end, None, out)
+        conn.copy_head(raw, first, end, None, True, out)
         out.add(CRLF)
         self.client.write(out.take())
 
     cdef void response_body(self, bytes data) except *:
+        if self.body_hooks:
+            data = run_response_body(self.route.response_body_filters, self, data, False)
+            if PyBytes_GET_SIZE(data) == 0:
+                return  # an empty chunk would end a chunked body
+        self.write_body(data)
+
+    cdef void write_body(self, bytes data) except *:
         cdef ClientConnection client = self.client
         if self.frame == FRAME_CHUNKED:
             client.write(chunk_header(len(data)))
@@ -605,6 +643,12 @@ cdef class Exchange:
             client.write(data)
 
     cdef void response_complete(self) except *:
+        cdef bytes rest
+        if self.body_hooks:
+            self.body_hooks = False  # end of stream: a codec's trailer
+            rest = run_response_body(self.route.response_body_filters, self, b"", True)
+            if PyBytes_GET_SIZE(rest):
+                self.write_body(rest)
         if self.frame == FRAME_CHUNKED:
             self.client.write(LAST_CHUNK)
         if self.upstream_time < 0 and self.upstream_start > 0:

@@ -543,18 +543,20 @@ cdef class UpstreamConnection:
             self.body_reader = None
 
     cdef void copy_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end, tuple removed,
-                        ByteWriter out) except *:
+                        bint keep_length, ByteWriter out) except *:
         """Note the header lines in raw[pos:end] the proxy acts on and copy the others,
-        verbatim, to `out`, but those with a name in `removed` (lower-case, or None)."""
+        verbatim, to `out`, but those with a name in `removed` (lower-case, or None), and
+        Content-Length unless `keep_length` (the framing decision: ResponseHead.drop_length)."""
         cdef Py_ssize_t mark = out.size
-        self.scan_head(raw, pos, end, removed, out)
+        self.scan_head(raw, pos, end, removed, keep_length, out)
         if self.resp_conn_drop is not None:
             # Connection names other headers: they are hop-by-hop too (rare: rescan)
             out.size = mark
-            self.scan_head(raw, pos, end, joined(removed, tuple(self.resp_conn_drop)), out)
+            self.scan_head(raw, pos, end, joined(removed, tuple(self.resp_conn_drop)),
+                           keep_length, out)
 
     cdef void scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
-                        tuple drop, ByteWriter out) except *:
+                        tuple drop, bint keep_length, ByteWriter out) except *:
         cdef const char *p = PyBytes_AS_STRING(raw)
         cdef const char *colon
         cdef const char *nl
@@ -567,7 +569,7 @@ cdef class UpstreamConnection:
             eol = nl - p
             colon = <const char *>memchr(p + pos, b':', eol - pos)
             kind = header_kind_at(p + pos, colon - (p + pos))
-            keep = passes_to_client(kind)
+            keep = passes_to_client(kind) and (keep_length or kind != H_CONTENT_LENGTH)
             if kind != H_OTHER:
                 value_start = colon + 1 - p
                 value_end = eol - 1

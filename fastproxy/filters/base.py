@@ -29,8 +29,8 @@ class Phase(enum.IntEnum):
 
 
 RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.LOG})
-# The phases the core runs hooks for today (request_head, response_head, log).
-CORE_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.LOG})
+# The phases the core runs hooks for today (request_head, response_head, response_body, log).
+CORE_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.LOG})
 
 
 class Filter:
@@ -44,6 +44,8 @@ class Filter:
     upstream_only: bool = False  # it acts only on what is sent upstream: refused on a `respond` route
     doc: str = ""  # the meaning of its key, in the [[routes]] table of docs/config.md
     zones: tuple = ()  # the shared-memory zones it needs (ZoneSpec; docs/extending.md, Zones)
+    stateful: bool = False  # it keeps per-request state: its runtime half gets a slot in ex.slots
+    main_default: bool = False  # [main] may set it for every route that does not set its own
 
 
 def compile_phases(filters) -> tuple:
