@@ -43,7 +43,10 @@ def test_builtin_filters_pinned():
             for t in FILTERS] == [
         ("request_headers", 100, [Phase.REQUEST_HEADERS], "request_headers", True),
         ("response_headers", 2000, [Phase.RESPONSE_HEADERS], "response_headers", False),
+        ("compress", 1900, [Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY], "compress", False),
     ]
+    assert [t.config.name for t in FILTERS if t.config.stateful] == ["compress"]
+    assert [t.config.name for t in FILTERS if t.config.main_default] == ["compress"]
 
 
 def test_route_with_every_builtin_compiles_them_in_order(tmp_path):
@@ -51,13 +54,17 @@ def test_route_with_every_builtin_compiles_them_in_order(tmp_path):
     conf.write_text('[[listen]]\naddress = "127.0.0.1:8080"\n[upstreams.app]\nservers = ["127.0.0.1:9"]\n'
                     '[[routes]]\npath_prefix = "/"\nupstream = "app"\n'
                     'response_headers = { set = { X-Frame-Options = "DENY" } }\n'
-                    'request_headers = { remove = ["Cookie"], add = { Via = ["a", "b"] } }\n')
+                    'request_headers = { remove = ["Cookie"], add = { Via = ["a", "b"] } }\n'
+                    'compress = { encodings = ["gzip"] }\n')
     (route,) = load_runtime(str(conf)).routes
     request, response = route.phases[Phase.REQUEST_HEADERS], route.phases[Phase.RESPONSE_HEADERS]
-    assert [f.name for f in request] == ["request_headers"] and [f.name for f in response] == ["response_headers"]
-    assert (request[0].set, request[0].add, request[0].remove) == ((), ((b"Via", b"a"), (b"Via", b"b")), (b"Cookie",))
-    assert response[0].set == ((b"X-Frame-Options", b"DENY"),)
-    assert all(route.phases[p] == () for p in Phase if p not in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS))
+    assert [f.name for f in request] == ["compress", "request_headers"]
+    assert [f.name for f in response] == ["compress", "response_headers"]
+    assert [f.name for f in route.phases[Phase.RESPONSE_BODY]] == ["compress"]
+    assert (request[1].set, request[1].add, request[1].remove) == ((), ((b"Via", b"a"), (b"Via", b"b")), (b"Cookie",))
+    assert response[1].set == ((b"X-Frame-Options", b"DENY"),)
+    assert all(route.phases[p] == () for p in Phase
+               if p not in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY))
 
 
 def test_every_builtin_has_its_runtime_class_in_the_core():
@@ -83,6 +90,6 @@ def test_every_handler_runs_in_the_core_and_has_its_key_in_routes(tmp_path):
 def test_a_filter_type_must_hook_phases_the_core_runs():
     @dataclasses.dataclass(frozen=True)
     class BodyFilter(RequestHeaders):
-        phases = frozenset({Phase.REQUEST_BODY})
+        phases = frozenset({Phase.REQUEST_BODY})  # not run yet (RESPONSE_BODY is)
     with pytest.raises(TypeError, match="REQUEST_BODY"):
         FilterType(BodyFilter, REQUEST_SECTION, compile_transform)

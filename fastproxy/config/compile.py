@@ -110,6 +110,7 @@ def build_runtime(tree: dict, source: str) -> Runtime:
     source = os.path.abspath(source)
     base = os.path.dirname(source)
     main, log, admin = tree["main"], tree["access_log"], tree["admin"]
+    main_filters = {key.name for key in registry.main_keys()}  # defaults the routes took
     routes = tuple(Route(
         name=route_name(route),
         hosts=tuple(dict.fromkeys(host.encode("ascii") for host in route["host"] or ())),
@@ -119,11 +120,12 @@ def build_runtime(tree: dict, source: str) -> Runtime:
         handler=handlers.route_handler(route),
         max_body_size=main["max_body_size"] if route["max_body_size"] is None else route["max_body_size"],
         max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
-        phases=compile_phases(registry.route_filters(route)),
+        phases=compile_phases(registry.route_filters(route, main)),
     ) for route in tree["routes"])
     return Runtime(
         source=source,
-        main=Main(**{**main, "pid_file": _file(main["pid_file"], base),
+        main=Main(**{**{key: value for key, value in main.items() if key not in main_filters},
+                     "pid_file": _file(main["pid_file"], base),
                      "error_log": _file(main["error_log"], base, "stderr"),
                      "server_header": main["server_header"].encode()}),
         access_log=AccessLog(path=_file(log["path"], base, "stdout", "off"), format=log["format"],

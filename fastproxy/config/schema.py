@@ -569,21 +569,22 @@ _ROUTES = Section("routes", "[[routes]]", ARRAY, NEEDED, (), "What to do with a 
 
 @functools.lru_cache(maxsize=None)
 def sections() -> Tuple[Section, ...]:
-    """The sections of the file, [[routes]] with a key per handler and filter type. Their
-    registries are imported here rather than at the top because they build their keys from
-    the kinds above."""
+    """The sections of the file: [[routes]] with a key per handler and filter type, [main]
+    with the defaults of the filters that have one. Their registries are imported here
+    rather than at the top because they build their keys from the kinds above."""
     from fastproxy.config import handlers
     from fastproxy.filters import registry
+    main = dataclasses.replace(MAIN, keys=MAIN.keys + registry.main_keys())
     routes = dataclasses.replace(_ROUTES, keys=_ROUTE_MATCH_KEYS + handlers.route_keys() + _ROUTE_LIMIT_KEYS
                                  + registry.route_keys())
-    return (MAIN, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes)
+    return (main, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes)
 
 
 def all_sections() -> Tuple[Section, ...]:
     """sections() plus the tables nested in them, in docs order."""
-    nested = tuple(key.kind.section for section in sections() for key in section.keys
-                   if isinstance(key.kind, Table))
-    return sections() + nested
+    nested = {id(key.kind.section): key.kind.section for section in sections() for key in section.keys
+              if isinstance(key.kind, Table)}  # once each, though [main] has a key for one too
+    return sections() + tuple(nested.values())
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")

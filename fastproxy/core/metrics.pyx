@@ -4,8 +4,8 @@
 # upstreams, the master computes (fastproxy/shm/layout.py) and passes in. Included by _core.pyx
 # after zones.pyx.
 #
-# A counter slot is GlobalCounters, then UpstreamCounters for every upstream index, then
-# RouteCounters for every route index, padded to a cache line.
+# A counter slot is GlobalCounters (compression counters included), then UpstreamCounters
+# for every upstream index, then RouteCounters for every route index, padded to a cache line.
 #
 # Concurrency rule: the master gives each worker one counter slot at fork, and that worker is
 # the only writer of the slot's records while the indexes they belong to are in use, so an
@@ -46,12 +46,25 @@ cdef enum UpstreamErrorKind:
 cdef enum:
     UPSTREAM_ERROR_KINDS = UPSTREAM_TIMEOUT + 1
 
+cdef enum:
+    # the content codings fastproxy compresses responses with (core/compress.pyx)
+    CODING_ZSTD = 0
+    CODING_BR = 1
+    CODING_GZIP = 2
+    CODINGS = 3
+
+ctypedef struct CodingCounters:
+    uint64_t responses  # responses compressed with it, counted when their body ends
+    uint64_t bytes_in  # body bytes before compression
+    uint64_t bytes_out  # and after
+
 ctypedef struct GlobalCounters:
     uint64_t bytes_in  # received from clients
     uint64_t bytes_out  # sent to clients
     uint64_t connections_accepted
     uint64_t active_connections  # a gauge: zeroed by the master when it reaps the owner
-    uint64_t reserved[4]
+    CodingCounters codings[CODINGS]  # by CODING_*
+    uint64_t reserved[3]  # to 128 bytes
 
 ctypedef struct UpstreamCounters:
     uint64_t requests
@@ -66,6 +79,7 @@ ctypedef struct RouteCounters:
 # For the reader's labels: what the bucket bounds and error kinds are.
 DURATION_BUCKETS = tuple([fp_duration_bounds[i] for i in range(METRICS_FINITE_BUCKETS)])
 UPSTREAM_ERROR_KIND_NAMES = ("connect", "reset", "timeout")  # by UpstreamErrorKind
+CODING_NAMES = ("zstd", "br", "gzip")  # by CODING_*
 UNROUTED_ROUTE = METRICS_UNROUTED_ROUTE
 
 
@@ -155,7 +169,8 @@ cdef class MetricsSlots:
     def totals(self, int first, int stop, int routes, int upstreams):
         """Counters summed over slots [first, stop), for route indexes [0, routes) and upstream
         indexes [0, upstreams): (global, per route, per upstream), where global is
-        (bytes_in, bytes_out, connections_accepted, active_connections), a route is
+        (bytes_in, bytes_out, connections_accepted, active_connections, codings), codings
+        being (responses, bytes before, bytes after) per CODING_*, a route is
         (status classes, buckets, duration sum in µs) and an upstream (requests, errors by
         kind). Call it between the zone's read_begin and read_retry."""
         cdef GlobalCounters g
@@ -180,7 +195,9 @@ cdef class MetricsSlots:
                     _sum_words(<uint64_t *>r, <uint64_t *>self.route_counters(slot),
                                routes * sizeof(RouteCounters) // sizeof(uint64_t))
             return (
-                (g.bytes_in, g.bytes_out, g.connections_accepted, g.active_connections),
+                (g.bytes_in, g.bytes_out, g.connections_accepted, g.active_connections,
+                 tuple([(g.codings[i].responses, g.codings[i].bytes_in, g.codings[i].bytes_out)
+                        for i in range(CODINGS)])),
                 [(tuple(r[i].status), tuple(r[i].buckets), r[i].duration_sum_us)
                  for i in range(routes)],
                 [(u[i].requests, tuple(u[i].errors)) for i in range(upstreams)],
@@ -271,6 +288,13 @@ cdef class MetricsWriter:
     cdef void upstream_error(self, int upstream, int kind) noexcept nogil:
         if 0 <= upstream < self._max_upstreams and UPSTREAM_CONNECT <= kind <= UPSTREAM_TIMEOUT:
             _counter_add(&self._upstreams[upstream].errors[kind], 1)
+
+    cdef void compressed(self, int coding, uint64_t before, uint64_t after) noexcept nogil:
+        """One response compressed with `coding`: its body's bytes before and after."""
+        if 0 <= coding < CODINGS:
+            _counter_add(&self._global.codings[coding].responses, 1)
+            _counter_add(&self._global.codings[coding].bytes_in, before)
+            _counter_add(&self._global.codings[coding].bytes_out, after)
 
     cdef void connection_opened(self) noexcept nogil:
         _counter_add(&self._global.connections_accepted, 1)

@@ -30,11 +30,12 @@ Concurrency rule (one per section; docs/metrics.md says it in full):
 from __future__ import annotations
 
 # What the Cython side defines, for the offsets below and the reader's labels.
-from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS: re-exported for the reader)
-    DURATION_BUCKETS, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE, metrics_slot_size)
+from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS, CODING_NAMES: re-exported for the reader)
+    CODING_NAMES, DURATION_BUCKETS, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE,
+    metrics_slot_size)
 
 ZONE_NAME = "metrics"
-LAYOUT_VERSION = 2  # 1: one fixed region, names append-only for the master's life
+LAYOUT_VERSION = 3  # 1: one fixed region, names append-only for the master's life; 2: no compression counters
 WORD = 8
 CACHE_LINE = 64
 

@@ -61,7 +61,7 @@ def render_prometheus(zone) -> bytes:
         out.append(f'fastproxy_request_duration_seconds_sum{{route="{label}"}} {sum_us / 1e6!r}\n'
                    f'fastproxy_request_duration_seconds_count{{route="{label}"}} {cumulative}\n')
 
-    bytes_in, bytes_out, accepted, active = totals
+    bytes_in, bytes_out, accepted, active, codings = totals
     for name, value, help_text in (
         ("fastproxy_bytes_received_total", bytes_in, "Bytes received from clients."),
         ("fastproxy_bytes_sent_total", bytes_out, "Bytes sent to clients."),
@@ -69,6 +69,15 @@ def render_prometheus(zone) -> bytes:
     ):
         family(name, "counter", help_text)
         out.append(f"{name} {value}\n")
+
+    for name, field, help_text in (
+        ("fastproxy_compressed_responses_total", 0, "Responses compressed, by encoding."),
+        ("fastproxy_compressed_bytes_in_total", 1, "Body bytes of compressed responses before compression."),
+        ("fastproxy_compressed_bytes_out_total", 2, "Body bytes of compressed responses after compression."),
+    ):
+        family(name, "counter", help_text)
+        for coding, counts in zip(L.CODING_NAMES, codings):
+            out.append(f'{name}{{encoding="{coding}"}} {counts[field]}\n')
 
     family("fastproxy_upstream_requests_total", "counter", "Requests sent to an upstream.")
     for upstream, (requests, _) in upstreams:
