@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -21,6 +22,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+import zstandard
 
 from bench import report
 from bench.measure import (TICKS, RssSampler, foreign_cpu_ticks, run_wrk, steal_ticks,
@@ -171,12 +174,27 @@ def wait_for_quiet() -> None:
             return
 
 
+def decoded(headers: Dict[str, str], body: bytes) -> bytes:
+    """The body without the content coding a compression scenario has the proxy apply."""
+    coding = headers.get("content-encoding")
+    if coding == "gzip":
+        return gzip.decompress(body)
+    if coding == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    return body
+
+
 def check_targets(sc: Scenario, targets: Dict[str, Target], origin: Origin) -> None:
-    """One request per target before measuring: each must answer as the origin does, and each
-    proxy with the response headers the scenario has it add."""
-    _, _, want = http_get(origin.port, sc.path)
+    """One request per target before measuring, with the scenario's headers: each must answer
+    as the origin does (once decoded), and each proxy with the response headers the scenario
+    has it add."""
+    sent = dict(line.split(": ", 1) for line in sc.headers)
+    _, _, want = http_get(origin.port, sc.path, headers=sent)
     for t in targets.values():
-        status, headers, body = http_get(t.port, sc.path)
+        status, headers, body = http_get(t.port, sc.path, headers=sent)
+        if headers.get("content-encoding"):
+            log(f"  {t.name}: {len(want)} bytes sent as {len(body)} ({headers['content-encoding']})")
+            body = decoded(headers, body)
         if status != 200 or body != want:
             raise RuntimeError(f"{t.name} {sc.path}: status {status}, {len(body)} bytes, "
                                f"origin sends {len(want)}")

@@ -52,6 +52,15 @@ SCENARIOS = (
              "headers, removes 1 and sets 2 response headers", "/100b", headers=("X-Debug: 1",),
              snippets="headers-transform",
              response_headers=("X-Frame-Options: DENY", "X-Content-Type-Options: nosniff")),
+    Scenario("gzip-16k-json", "GET 16 KiB of JSON with Accept-Encoding: gzip, keep-alive, 64 connections; "
+             "each proxy compresses it with gzip level 5", "/16k.json", headers=("Accept-Encoding: gzip",),
+             snippets="gzip-16k-json", response_headers=("Content-Encoding: gzip",)),
+    # nginx and HAProxy have no zstd: fastproxy alone (compare its CPU and bytes with the
+    # gzip scenario's nginx figures)
+    Scenario("zstd-16k-json", "GET 16 KiB of JSON with Accept-Encoding: zstd, keep-alive, 64 connections; "
+             "fastproxy compresses it with zstd level 3 (nginx and HAProxy: not applicable)", "/16k.json",
+             headers=("Accept-Encoding: zstd",), targets=("direct", "fastproxy-1w"),
+             snippets="zstd-16k-json", response_headers=("Content-Encoding: zstd",)),
     Scenario("reload", "GET 100 B, keep-alive, 64 connections, target reloaded every second",
              "/100b", targets=RELOADABLE, reload_every=1.0),
 )

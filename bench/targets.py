@@ -48,11 +48,11 @@ def render(template: str, **values) -> str:
     return re.sub(r"\{\{(\w+)\}\}", sub, (HERE / template).read_text())
 
 
-def http_get(port: int, path: str, timeout: float = 2.0):
+def http_get(port: int, path: str, timeout: float = 2.0, headers: Optional[Dict[str, str]] = None):
     """(status, headers, body) of one GET on a fresh connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
     finally:
@@ -160,6 +160,14 @@ class Origin:
         (d / "client_body").mkdir()
         for name, size in self.FILES.items():
             (www / name).write_bytes(b"x" * size)
+        # JSON that compresses as an API's answer does (not one repeated byte): ~16 KiB.
+        items, size, i = [], 2, 0
+        while size < 16384:
+            items.append(f'{{"id":{i},"name":"item {i}","price":{i * 37 % 1000}.{i % 100:02d},'
+                         f'"tags":["t{i % 7}","t{i % 11}"],"in_stock":{"true" if i % 3 else "false"}}}')
+            size += len(items[-1]) + 1
+            i += 1
+        (www / "16k.json").write_text("[" + ",".join(items) + "]")
         # Text around an SSI command: nginx streams it with Transfer-Encoding: chunked.
         (www / "chunked.html").write_text(("c" * 1023 + "\n") * 8 + '<!--# echo var="uri" -->\n'
                                           + ("k" * 1023 + "\n") * 8)

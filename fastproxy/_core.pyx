@@ -21,4 +21,4 @@ include "core/context.pyx"
 def versions():
     """Versions of the libraries the core runs on (fastproxy --version)."""
     from importlib.metadata import version
-    return {name: version(name) for name in ("httptools", "uvloop", "setproctitle", "zstandard")}
+    return {name: version(name) for name in ("httptools", "uvloop", "setproctitle", "zstandard", "brotli")}
