@@ -23,9 +23,10 @@ cdef enum:
     CHOSE_IDENTITY = -1       # negotiate(): send the body as it is
     CHOSE_NOTHING = -2        # negotiate(): nothing acceptable is left (406)
 
-# Reused compression contexts of a route's zstd streams, at most this many idle per route:
-# making one costs more than compressing a small body.
-cdef Py_ssize_t IDLE_ZSTD_CONTEXTS = 16
+# Reused compression contexts of a route's zstd streams, at most this many idle per route
+# and worker: making one costs more than compressing a small body, and each keeps its
+# tables (up to a few MiB at high levels) while idle.
+cdef Py_ssize_t IDLE_ZSTD_CONTEXTS = 4
 # brotli's window, 2**BROTLI_LGWIN bytes (ngx_brotli's default): its memory per response.
 cdef int BROTLI_LGWIN = 19
 
@@ -283,10 +284,11 @@ cdef class Compress(Filter):
             # the compressed bytes differ from the upstream's: no longer byte-for-byte equal
             head.remove_headers(ETAG_NAME)
             head.add_header_lines(b"ETag: W/" + value + b"\r\n")
-        ex.slots[self.slot] = self.stream(<int>chosen)
+        ex.slots[self.slot] = self.stream(<int>chosen, length)
         return FILTER_CONTINUE
 
-    cdef CodecStream stream(self, int coding):
+    cdef CodecStream stream(self, int coding, Py_ssize_t length):
+        """A compressor for a body of `length` bytes (-1: unknown)."""
         cdef CodecStream s = CodecStream.__new__(CodecStream)
         s.coding = coding
         if coding == CODING_GZIP:
@@ -298,7 +300,8 @@ cdef class Compress(Filter):
         elif coding == CODING_ZSTD:
             s.zstd_context = self.idle_zstd.pop() if self.idle_zstd else \
                 zstandard.ZstdCompressor(level=self.levels[coding])
-            codec = s.zstd_context.compressobj()
+            # a known length sizes zstd's tables to the body and goes in the frame header
+            codec = s.zstd_context.compressobj(size=length)
             s.feed = codec.compress
             s.sync = s.done = codec.flush
             s.sync_arg = zstandard.COMPRESSOBJ_FLUSH_BLOCK

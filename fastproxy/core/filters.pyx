@@ -38,8 +38,8 @@ cdef class Filter:
     cdef bytes response_body(self, Exchange ex, bytes data, bint end):
         """A piece of the body going to the client (`end`: the last call, after the body's
         last piece, so a codec can flush its trailer; `data` may then be empty). Returns what
-        to pass on, possibly b"". Only for responses with a body whose head went through the
-        route's response_head hooks; a local answer gets one call with its whole body."""
+        to pass on, possibly b"". For the upstream's responses that have a body and for
+        local answers from ex.respond(), which get one call with their whole body."""
         return data
 
     cdef int log(self, Exchange ex) except -1:
@@ -118,12 +118,18 @@ cdef class ResponseHead:
         """The body's length as the response declares it (a local answer's body, the
         upstream's Content-Length); -1 when unknown (chunked, or until the upstream closes)."""
         cdef bytes value
+        cdef const char *p
+        cdef Py_ssize_t i
         if self.pairs is not None:
             return self.local_length
         value = self.header(b"content-length")
         if value is None:
             return -1
-        return parse_length(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+        p = PyBytes_AS_STRING(value)
+        for i in range(PyBytes_GET_SIZE(value)):
+            if not (b'0' <= p[i] <= b'9'):
+                return -1  # several lines joined: llhttp refuses that, but do not trust it here
+        return parse_length(p, PyBytes_GET_SIZE(value))
 
     cdef int drop_length(self) except -1:
         """The framing decision: the body's length becomes unknown (a body hook changes

@@ -588,9 +588,7 @@ cdef class Exchange:
             self.frame = FRAME_CHUNKED
         else:
             self.frame = FRAME_CLOSE
-        # a body hook sees the body of a response whose head its route's hooks saw
-        self.body_hooks = self.frame != FRAME_NONE and edits is not None \
-            and len(self.route.response_body_filters) > 0
+        self.body_hooks = self.frame != FRAME_NONE and len(self.route.response_body_filters) > 0
         if edits is not None and edits.added is not None:
             out.add(edits.added)
         if conn.resp_server is not None:
