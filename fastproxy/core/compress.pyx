@@ -45,6 +45,19 @@ cdef inline bint separator(char c) noexcept:
     return c == b' ' or c == b'\t' or c == b',' or c == b';' or c == b'='
 
 
+cdef inline Py_ssize_t skip_space(const char *p, Py_ssize_t n, Py_ssize_t pos, bint commas) noexcept:
+    """Where p[pos:n] goes on past spaces and tabs (and commas: between list elements)."""
+    while pos < n and (p[pos] == b' ' or p[pos] == b'\t' or (commas and p[pos] == b',')):
+        pos += 1
+    return pos
+
+
+cdef inline Py_ssize_t token_end(const char *p, Py_ssize_t n, Py_ssize_t pos) noexcept:
+    while pos < n and not separator(p[pos]):
+        pos += 1
+    return pos
+
+
 cdef int coding_of(const char *p, Py_ssize_t n) noexcept:
     """The Accept-Encoding entry of a coding name, or -1 for one we do not know."""
     if name_is(p, n, b"gzip", 4) or name_is(p, n, b"x-gzip", 6):
@@ -84,40 +97,27 @@ cdef void accepted_codings(bytes value, int *q) noexcept:
     thousandths, Q_UNSET when not listed. Unknown codings and malformed entries are ignored;
     a coding listed twice keeps its higher weight."""
     cdef const char *p = PyBytes_AS_STRING(value)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), pos = 0, start, name_end
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), pos = 0, start
     cdef int entry, weight
     cdef bint is_q
     for entry in range(ACCEPT_ENTRIES):
         q[entry] = Q_UNSET
     while pos < n:
-        while pos < n and (p[pos] == b' ' or p[pos] == b'\t' or p[pos] == b','):
-            pos += 1
-        start = pos
-        while pos < n and not separator(p[pos]):
-            pos += 1
+        start = skip_space(p, n, pos, True)
+        pos = token_end(p, n, start)
         entry = coding_of(p + start, pos - start)
         weight = 1000
         while pos < n and p[pos] != b',':  # its parameters
             if p[pos] != b';':
                 pos += 1
                 continue
-            pos += 1
-            while pos < n and (p[pos] == b' ' or p[pos] == b'\t'):
-                pos += 1
-            start = pos
-            while pos < n and not separator(p[pos]):
-                pos += 1
-            name_end = pos
-            is_q = name_end - start == 1 and (p[start] == b'q' or p[start] == b'Q')
-            while pos < n and (p[pos] == b' ' or p[pos] == b'\t'):
-                pos += 1
+            start = skip_space(p, n, pos + 1, False)
+            pos = token_end(p, n, start)
+            is_q = pos - start == 1 and (p[start] == b'q' or p[start] == b'Q')
+            pos = skip_space(p, n, pos, False)
             if pos < n and p[pos] == b'=':
-                pos += 1
-                while pos < n and (p[pos] == b' ' or p[pos] == b'\t'):
-                    pos += 1
-                start = pos
-                while pos < n and not separator(p[pos]):
-                    pos += 1
+                start = skip_space(p, n, pos + 1, False)
+                pos = token_end(p, n, start)
                 if is_q:
                     weight = qvalue(p + start, pos - start)
             elif is_q:
@@ -140,11 +140,8 @@ cdef bint has_token(bytes value, bytes lower_token) noexcept:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(value), pos = 0, start
     cdef tuple tokens = (lower_token,)
     while pos < n:
-        while pos < n and (p[pos] == b' ' or p[pos] == b'\t' or p[pos] == b','):
-            pos += 1
-        start = pos
-        while pos < n and not separator(p[pos]):
-            pos += 1
+        start = skip_space(p, n, pos, True)
+        pos = token_end(p, n, start)
         if pos > start and listed(p + start, pos - start, tokens):
             return True
         while pos < n and p[pos] != b',':
