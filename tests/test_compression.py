@@ -47,6 +47,11 @@ def doc(conn: OriginConn, req: Request) -> None:
     if status == 206:
         headers.append(("Content-Range", f"bytes 0-{len(body) - 1}/{len(body) * 2}"))
     framing = q.get("framing", "length")
+    if framing == "http10":  # an HTTP/1.0 upstream: no length, the body ends when it closes
+        conn.keep_alive = False
+        conn.sendall(("\r\n".join([f"HTTP/1.0 {status} X"] + [f"{k}: {v}" for k, v in headers])
+                      + "\r\n\r\n").encode() + body)
+        return
     if req.method == "HEAD" or status in (204, 304):
         lines = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in headers]
         if req.method == "HEAD":
@@ -149,7 +154,7 @@ def test_identity_refused_but_a_coding_left_is_compressed(proxy):
 # -- every coding, every framing -------------------------------------------------------------
 
 @pytest.mark.parametrize("coding", ["zstd", "br", "gzip"])
-@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+@pytest.mark.parametrize("framing", ["length", "chunked", "close", "http10"])
 def test_each_coding_decodes_to_the_origin_bytes(proxy, coding, framing):
     r = get(proxy, f"/all/doc?framing={framing}", coding)
     assert r.status == 200 and r.header("content-encoding") == coding, r
