@@ -52,6 +52,8 @@ def toml_literal(value) -> str:
         return json.dumps(value)  # a TOML basic string for everything a default uses
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{quote_key(k)} = {toml_literal(v)}" for k, v in value.items()) + " }" if value else "{}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     return str(value)
 
 

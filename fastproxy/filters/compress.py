@@ -69,7 +69,7 @@ class Compress(Filter):
     stateful = True  # the coding negotiated, then the response's compressor
     main_default = True
     doc = ("Compress responses with zstd, brotli or gzip as the client accepts; see below and "
-           "compression.md. `false`: not on this route, whatever `[main]` `compress` says.")
+           "[compression.md](compression.md). `false`: not on this route, whatever `[main]` `compress` says.")
 
 
 SECTION = Section("compress", "[[routes]].compress", TABLE, OFF, (
@@ -86,7 +86,7 @@ SECTION = Section("compress", "[[routes]].compress", TABLE, OFF, (
 ), "Response compression, in a route or in `[main]` (the default of every route without its own "
    "`compress`; a route's table replaces it whole). Negotiated on Accept-Encoding; never applied to an "
    "encoded response, `Cache-Control: no-transform`, HEAD, 1xx, 204, 206, 304 or a `Range` request "
-   "(see compression.md).")
+   "(see [compression.md](compression.md)).")
 
 
 def compile_compress(config, values: dict) -> Compress:
