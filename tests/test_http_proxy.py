@@ -91,6 +91,26 @@ def test_every_connection_header_names_hop_by_hop_headers(proxy):
     assert "x-third" in seen, e["headers"]
 
 
+@pytest.mark.parametrize("value,named,closes", [
+    ("keep-alive", False, False), ("Keep-Alive \t", False, False), ("CLOSE", False, True),
+    ("close ", False, True), ("Keep-Alive , X-Named-Hop", True, False), ("close,X-Named-Hop", True, True),
+    ("X-Named-Hop, keep-alive", True, False), ("keep-alive, close, X-NAMED-HOP ", True, True),
+    ("x-named-hop\t", True, False)])
+def test_connection_header_values(proxy, value, named, closes):
+    """The plain values (keep-alive, close: any case, whitespace around) name no header and
+    keep their meaning; a list naming a header, a plain value in it or not, drops that header."""
+    with RawClient(proxy.port) as c:
+        r = c.request("GET", "/api/echo?connection", [("Connection", value), ("X-Named-Hop", "secret")])
+        assert r.status == 200, r
+        seen = {k.lower() for k, _ in r.json()["headers"]}
+        assert ("x-named-hop" not in seen) == named, (value, r.json()["headers"])
+        assert r.has_token("connection", "close") == closes, (value, r.headers)
+        if closes:
+            assert c.is_closed(5), value
+        else:
+            assert c.request("GET", "/api/echo?again").status == 200, value
+
+
 def test_hop_by_hop_response_headers_removed(proxy):
     r = fetch(proxy.port, "GET", "/api/hop")
     assert r.status == 200 and r.body == b"hop\n", r

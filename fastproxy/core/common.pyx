@@ -188,6 +188,19 @@ cdef inline bint plain_connection(const char *p, Py_ssize_t n) noexcept:
     return name_is(p, n, b"keep-alive", 10) or name_is(p, n, b"close", 5)
 
 
+cdef bint plain_connection_value(bytes value) noexcept:
+    """plain_connection for a whole header value as httptools gives it: llhttp drops the
+    whitespace before it, not after."""
+    cdef const char *p = PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+    while n > 0 and (p[0] == b' ' or p[0] == b'\t'):
+        p += 1
+        n -= 1
+    while n > 0 and (p[n - 1] == b' ' or p[n - 1] == b'\t'):
+        n -= 1
+    return plain_connection(p, n)
+
+
 cdef list connection_tokens(bytes value):
     """Lower-cased tokens of a Connection header."""
     return [t.strip().lower() for t in value.split(b",") if t.strip()]

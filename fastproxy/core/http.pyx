@@ -147,10 +147,11 @@ cdef class Exchange:
             self.chunked_in = True  # llhttp already refused any coding list not ending in chunked
         elif kind == H_CONNECTION:
             self.has_connection = True
-            tokens = connection_tokens(value)
-            if b"upgrade" in tokens:
-                self.conn_upgrade = True
-            self.conn_drop = union(self.conn_drop, hop_by_hop_names(tokens))
+            if not plain_connection_value(value):  # rare: upgrade, a list, a header name
+                tokens = connection_tokens(value)
+                if b"upgrade" in tokens:
+                    self.conn_upgrade = True
+                self.conn_drop = union(self.conn_drop, hop_by_hop_names(tokens))
         elif kind == H_UPGRADE:
             self.upgrade_websocket = value.strip().lower() == b"websocket"
         elif kind == H_EXPECT:
