@@ -2,10 +2,12 @@
 to HTTP/1.1 clients (RFC 9110 15.2), and end-to-end headers pass whatever their name."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from harness.client import RawClient, build_request
-from harness.origin import OriginConn, Request
+from harness.origin import OriginConn, Request, pattern_crc
 from harness.proxy import upstream
 
 EARLY_HINTS = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n"
@@ -33,6 +35,8 @@ def unasked_continue(conn: OriginConn, req: Request) -> None:
 def proxy(module_proxy_factory, module_origin):
     module_origin.handlers["hints"] = hints
     module_origin.handlers["unasked_continue"] = unasked_continue
+    # a HEAD response without Content-Length: its head is the whole of it all the same
+    module_origin.handlers["head_no_length"] = lambda conn, req: conn.respond(200, framing="none")
     module_origin.handlers["end_to_end"] = lambda conn, req: conn.respond(200, b"ok", headers=END_TO_END)
     module_origin.handlers["connection_named"] = lambda conn, req: conn.respond(200, b"ok", headers=[
         ("Connection", "user-agent, X-FORWARDED-FOR, Date, content-length"), ("Date", "Mon, 01 Jan 2024 00:00:00 GMT"),
@@ -90,3 +94,18 @@ def test_headers_the_upstreams_connection_names_are_hop_by_hop_whatever_their_na
         assert r.header_all("user-agent") == [] and r.header_all("x-forwarded-for") == [], r
         assert r.header_all("referer") == ["https://app.example/from"], r
         assert c.request("GET", "/end_to_end").header_all("user-agent") == ["origin-agent/1"]
+
+
+@pytest.mark.parametrize("target", ["/bytes?n=100&head=length", "/head_no_length?head=none"])
+def test_upstream_connection_carries_a_get_after_a_head(proxy, module_origin, target):
+    """A response to HEAD ends with its head, whatever its framing headers say, and the
+    upstream connection it came on carries the next request, whose body is read in full."""
+    after = "/bytes?n=50&after=" + target.rsplit("=", 1)[1]
+    with RawClient(proxy.port) as c:
+        head = c.request("HEAD", target)
+        assert (head.status, head.body) == (200, b""), head
+        r = c.request("GET", after)
+        assert r.status == 200 and len(r.body) == 50 and zlib.crc32(r.body) == pattern_crc(50), r
+    (h,) = module_origin.find_requests(lambda q: q.target == target)
+    (g,) = module_origin.find_requests(lambda q: q.target == after)
+    assert g.conn_id == h.conn_id, "the GET went on a new upstream connection"

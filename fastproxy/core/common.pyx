@@ -2,7 +2,7 @@
 # request ids, error bodies. Included first by _core.pyx.
 
 cimport cython
-from libc.stdint cimport uint64_t, int64_t
+from libc.stdint cimport uint16_t, uint64_t, int64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 
@@ -24,15 +24,18 @@ cdef extern from "strings.h":
     int strncasecmp(const char *s1, const char *s2, size_t n)
 
 
-# Where llhttp stopped. httptools raises HttpParserCallbackError when a callback raises, but
-# does not say where in the fed bytes parsing stopped; llhttp records it in its state
-# (error_pos), and httptools keeps that state behind the first field of its parser object.
-# Both layouts are checked once at import (parser_layout_ok), so an httptools that laid them
-# out differently fails loudly at start instead of reading the wrong memory.
+# llhttp's state, read and written through httptools' parser object. httptools raises
+# HttpParserCallbackError when a callback raises, but does not say where in the fed bytes
+# parsing stopped; llhttp records it (error_pos). And httptools' response parser cannot be
+# told that a response has no body (the answer to a HEAD); llhttp can, by its F_SKIPBODY
+# flag set in on_headers_complete. httptools keeps that state behind the first field of its
+# parser object. The layout is llhttp 9's (httptools 0.6 and later bundle it) and is checked
+# once at import (check_parser_layout), so an httptools that laid it out differently fails
+# loudly at start instead of reading or writing the wrong memory.
 cdef extern from *:
     """
     #include <stdint.h>
-    typedef struct {            /* the head of llhttp_t (llhttp.h), unchanged since llhttp 2 */
+    typedef struct {            /* the head of llhttp_t (llhttp.h, llhttp 9) */
         int32_t index_;
         void *span_pos0_;
         void *span_cb0_;
@@ -40,18 +43,40 @@ cdef extern from *:
         const char *reason;
         const char *error_pos;
         void *data;             /* httptools points it back at its parser object */
+        void *current_;
+        uint64_t content_length;
+        uint8_t type;
+        uint8_t method;
+        uint8_t http_major;
+        uint8_t http_minor;
+        uint8_t header_state;
+        uint16_t lenient_flags; /* uint8_t before llhttp 9 */
+        uint8_t upgrade;
+        uint8_t finish;
+        uint16_t flags;
+        uint16_t status_code;
     } fp_llhttp_head;
     typedef struct {            /* an httptools HttpParser: a Cython object with a vtable */
         PyObject_HEAD
         void *vtab_;
         fp_llhttp_head *cparser;
     } fp_httptools_parser;
+    enum {                      /* llhttp_flags, unchanged since llhttp 2 */
+        FP_F_CONTENT_LENGTH = 0x20,
+        FP_F_SKIPBODY = 0x40
+    };
     """
     ctypedef struct fp_llhttp_head:
         const char *error_pos
         void *data
+        uint64_t content_length
+        uint16_t flags
+        uint16_t status_code
     ctypedef struct fp_httptools_parser:
         fp_llhttp_head *cparser
+    enum:
+        FP_F_CONTENT_LENGTH
+        FP_F_SKIPBODY
 
 
 cdef inline fp_llhttp_head *llhttp_state(object parser) noexcept:
@@ -63,13 +88,50 @@ cdef Py_ssize_t stopped_at(object parser, bytes data) noexcept:
     return llhttp_state(parser).error_pos - PyBytes_AS_STRING(data)
 
 
-cdef bint parser_layout_ok():
-    parser = HttpRequestParser(None)
-    return llhttp_state(parser).data == <void *>parser
+cdef inline void skip_body(object parser) noexcept:
+    """From a response parser's on_headers_complete: the response has no body whatever its
+    head says; llhttp completes the message after the head, and the next begins there."""
+    llhttp_state(parser).flags |= FP_F_SKIPBODY
 
 
-if not parser_layout_ok():
-    raise ImportError("fastproxy does not know this httptools version's parser layout")
+class _LayoutProbe:
+    """Parses a response that skip_body cuts short, then one that it does not, checking in
+    on_headers_complete that llhttp's fields are where llhttp_state reads them."""
+
+    def __init__(self):
+        self.parser = HttpResponseParser(self)
+        self.seen = []
+
+    def on_headers_complete(self):
+        cdef fp_llhttp_head *state = llhttp_state(self.parser)
+        first = not self.seen
+        self.seen.append(
+            state.data == <void *>self.parser
+            and state.status_code == self.parser.get_status_code()
+            and state.content_length == (7 if first else 2)
+            and state.flags & (FP_F_CONTENT_LENGTH | FP_F_SKIPBODY) == FP_F_CONTENT_LENGTH)
+        if first:
+            skip_body(self.parser)
+
+    def on_body(self, body):
+        self.seen.append(body)
+
+    def on_message_complete(self):
+        self.seen.append("end")
+
+
+cdef check_parser_layout():
+    probe = _LayoutProbe()
+    try:
+        probe.parser.feed_data(b"HTTP/1.1 299 X\r\nContent-Length: 7\r\n\r\n"
+                               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    except HttpParserError:
+        pass  # a flag written at the wrong place: told below
+    if probe.seen != [True, "end", True, b"ok", "end"]:
+        raise ImportError("fastproxy does not know this httptools version's parser layout")
+
+
+check_parser_layout()
 
 
 cdef inline double monotonic() noexcept:

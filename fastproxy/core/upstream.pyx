@@ -20,12 +20,6 @@ cdef enum:
 cdef Py_ssize_t MAX_RESPONSE_HEAD = 64 * 1024
 
 
-class _StopResponse(Exception):
-    """Raised from on_headers_complete of a HEAD response: httptools has no way to say
-    'this response has no body', so parsing stops and the parser is replaced. A new
-    instance each time: a raised instance keeps its traceback, which would grow."""
-
-
 class _BadResponse(Exception):
     """Raised from a parser callback when the upstream breaks the protocol in a way
     llhttp accepts; the message says how."""
@@ -391,10 +385,7 @@ cdef class UpstreamConnection:
         client.flush()  # one write for everything this read produced
 
     cdef void callback_failed(self, object cause) except *:
-        if isinstance(cause, _StopResponse):
-            self.new_parser()
-            self.response_complete()
-        elif isinstance(cause, _BadResponse):
+        if isinstance(cause, _BadResponse):
             self.protocol_error(cause.args[0])
         else:
             self.internal_error(cause)
@@ -504,14 +495,13 @@ cdef class UpstreamConnection:
             raise _BadResponse("101 to a request that asked for no upgrade")
         self.head_buf = None
         self.response_head_seen = True
+        if ex.is_head:
+            # no body, whatever the head says (RFC 9110 9.3.2): llhttp completes the message
+            # now, a length or not, so bytes after it fail on_message_begin
+            skip_body(self.parser)
         self.resp_keep_alive = self.keep_alive()
         self.switching = status == 101
         ex.response_head(self, status, raw, first, end)
-        if ex.is_head:
-            self.response_done = True
-            if PyBytes_GET_SIZE(raw) > end + 2:
-                raise _BadResponse("sent a body with its response to HEAD; connection closed")
-            raise _StopResponse()
 
     def on_body(self, bytes body):
         self.body_relayed += PyBytes_GET_SIZE(body)
