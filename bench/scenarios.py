@@ -37,6 +37,9 @@ class Scenario:
 SCENARIOS = (
     Scenario("get-100b", "GET 100 B, keep-alive, 64 connections", "/100b",
              targets=ALL_TARGETS),
+    # wrk sends no Connection header; browsers and most HTTP/1.1 clients send this one
+    Scenario("get-100b-ka", "GET 100 B, keep-alive, 64 connections; the client sends "
+             "Connection: keep-alive", "/100b", headers=("Connection: keep-alive",)),
     Scenario("get-16k", "GET 16 KiB, keep-alive, 64 connections", "/16k"),
     Scenario("get-1m", "GET 1 MiB, keep-alive, 64 connections", "/1m",
              unit="MB/s"),

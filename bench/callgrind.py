@@ -1,0 +1,197 @@
+"""Instructions per proxied request in one fastproxy worker, counted with callgrind.
+
+    python -m bench.callgrind [--scenarios get-100b,get-100b-ka] [--tree PATH] [--short 200 --long 2000]
+
+On a shared VM wall-clock CPU per request moves by more than the 2 % a change is held to;
+callgrind's instruction counts do not. For each scenario (a plain GET: its path, its headers
+and its config snippet), fastproxy runs with one worker under callgrind in front of a small
+origin in this process, and one client connection sends `short` requests in one run and
+`long` in another (a new connection per request when the scenario sends Connection: close).
+The difference of the worker's user-space instructions over long - short requests leaves out
+start-up and shutdown: what remains is per request, plus the once-a-second sweep timer, which
+ticks more often in the longer run.
+
+`--tree` measures another checkout (built in place), e.g. a worktree of main, for a
+before/after in the same session.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from bench.measure import tree_pids
+from bench.scenarios import BY_NAME, Scenario
+from bench.targets import HERE, free_port, render
+
+START_TIMEOUT = 120.0  # python, uvloop and the extension start ~50x slower under callgrind
+STOP_TIMEOUT = 60.0
+IO_TIMEOUT = 30.0
+SIZES = {"100b": 100, "16k": 16 * 1024}  # the origin's paths, as in bench/origin
+
+
+class Origin:
+    """A keep-alive origin answering every GET with its path's size of body (no request bodies)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                path = head.split(b" ", 2)[1].decode().lstrip("/")
+                body = b"x" * SIZES.get(path, 0)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_response(sock: socket.socket, buf: bytes) -> Tuple[bytes, bytes]:
+    """(status line, bytes after the response) of the next response on `sock`."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("the proxy closed the connection")
+        buf += data
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(buf) < length:
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("the proxy closed the connection in a body")
+        buf += data
+    return head.split(b"\r\n", 1)[0], buf[length:]
+
+
+def send_requests(port: int, scenario: Scenario, n: int) -> None:
+    request = ("GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n" % (
+        scenario.path, "".join(h + "\r\n" for h in scenario.headers))).encode()
+    new_conn = any(h.lower().replace(" ", "") == "connection:close" for h in scenario.headers)
+    sock: Optional[socket.socket] = None
+    buf = b""
+    try:
+        for _ in range(n):
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+                buf = b""
+            sock.sendall(request)
+            status, buf = read_response(sock, buf)
+            if b" 200 " not in status:
+                raise RuntimeError(f"{scenario.name}: {status!r}")
+            if new_conn:
+                sock.close()
+                sock = None
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def wait_ready(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("fastproxy exited at start")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("fastproxy did not start in time")
+
+
+def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, workdir: Path) -> int:
+    """User-space instructions the worker ran over a whole run of n requests."""
+    port = free_port()
+    conf = workdir / "fastproxy.toml"
+    snippet = ""
+    if scenario.snippets:
+        snippet = (HERE / "configs" / scenario.snippets / "fastproxy.toml").read_text()
+    conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
+                           origin_port=origin.port, keepalive=16, access_log="off",
+                           snippet=snippet))
+    for old in workdir.glob("callgrind.*"):
+        old.unlink()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--trace-children=yes",
+         f"--callgrind-out-file={workdir}/callgrind.%p",
+         sys.executable, "-m", "fastproxy", "-c", str(conf)],
+        cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "valgrind.log", "wb"), start_new_session=True)
+    try:
+        wait_ready(port, proc)
+        workers = [pid for pid in tree_pids(proc.pid) if pid != proc.pid]
+        if len(workers) != 1:
+            raise RuntimeError(f"expected one worker, found {workers}")
+        send_requests(port, scenario, n)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(STOP_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = workdir / f"callgrind.{workers[0]}"
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction count in {out}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.callgrind", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenarios", default="get-100b,get-100b-ka",
+                    help="comma-separated; plain GETs of a path the origin serves (%s)" % ", ".join(SIZES))
+    ap.add_argument("--tree", type=Path, default=HERE.parent, help="the checkout to measure")
+    ap.add_argument("--short", type=int, default=200)
+    ap.add_argument("--long", type=int, default=2000)
+    args = ap.parse_args(argv)
+    if not shutil.which("valgrind"):
+        ap.error("valgrind is not installed")
+    scenarios = [BY_NAME[name] for name in args.scenarios.split(",")]
+    for s in scenarios:
+        if s.script or s.path.lstrip("/") not in SIZES:
+            ap.error(f"{s.name}: not a plain GET of {', '.join(SIZES)}")
+    origin = Origin()
+    print(f"| scenario | instructions per request ({args.tree.resolve()}) |\n|---|---|")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fp-callgrind-") as tmp:
+            for s in scenarios:
+                short = worker_instructions(args.tree, s, origin, args.short, Path(tmp))
+                long = worker_instructions(args.tree, s, origin, args.long, Path(tmp))
+                print(f"| {s.name} | {(long - short) / (args.long - args.short):,.0f} |", flush=True)
+    finally:
+        origin.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
