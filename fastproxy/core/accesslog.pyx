@@ -104,6 +104,7 @@ cdef int add_seconds3(ByteWriter out, double value, bytes absent) except -1:
     return out.add_raw(buf + 32 - n, n)
 
 
+@cython.final
 cdef class AccessLog:
     cdef int fd
     cdef str path
@@ -151,7 +152,7 @@ cdef class AccessLog:
                 done += n
         buf.clear()
 
-    cdef void write(self, Exchange ex, bytes client_addr, int status, double total) except *:
+    cdef int write(self, Exchange ex, bytes client_addr, int status, double total) except -1:
         cdef ByteWriter out = self.buf
         if self.fmt == LOG_COMBINED:
             out.add(client_addr)
@@ -225,3 +226,4 @@ cdef class AccessLog:
             out.add(b"}\n")
         if out.size >= self.limit:
             self.flush()
+        return 0

@@ -370,6 +370,7 @@ cdef const char *HEX_DIGITS = b"0123456789abcdef"
 cdef const char *HEX_UPPER = b"0123456789ABCDEF"
 
 
+@cython.final
 cdef class RequestIds:
     """32 hex digits: a random per-worker prefix and a counter (unique, no syscall)."""
     cdef char prefix[17]

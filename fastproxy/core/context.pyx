@@ -27,6 +27,7 @@ REFUSAL_REASONS = {
 }
 
 
+@cython.final
 cdef class WorkerCore:
     cdef object loop
     cdef Router router
@@ -162,7 +163,7 @@ cdef class WorkerCore:
             return
         self.tick_handle = self.loop.call_later(self.tick_interval, self.tick)
 
-    cdef void return_memory(self, double now) except *:
+    cdef int return_memory(self, double now) except -1:
         """Give memory back when a burst of connections has gone. _tune_malloc makes glibc
         keep freed memory for reuse (relay buffers) instead of returning it, so without this
         a worker keeps the memory of its largest burst for good. Runs from the sweep only,
@@ -183,6 +184,7 @@ cdef class WorkerCore:
                     self.trims, (monotonic() - now) * 1000, self.clients_peak, open_now)
             self.clients_peak = open_now
             self.next_trim = now + TRIM_MIN_INTERVAL
+        return 0
 
     def drain(self, double timeout):
         """Stop taking new work (the caller has closed the listeners); finish what is in
@@ -201,14 +203,15 @@ cdef class WorkerCore:
         self.now = monotonic()
         self.connection_gone()
 
-    cdef void connection_gone(self) except *:
+    cdef int connection_gone(self) except -1:
         if self.draining and not self.clients:
             self.finish_drain()
+        return 0
 
-    cdef void finish_drain(self) except *:
+    cdef int finish_drain(self) except -1:
         cdef UpstreamPool pool
         if self.on_drained is None:
-            return
+            return 0
         for pool in self.pools_by_name.values():
             pool.close_all()
         if self.access_log is not None:
@@ -217,6 +220,7 @@ cdef class WorkerCore:
         if self.tick_handle is not None:
             self.tick_handle.cancel()
         callback()
+        return 0
 
     def reopen_logs(self):
         if self.access_log is not None:
@@ -226,10 +230,10 @@ cdef class WorkerCore:
         if self.access_log is not None:
             self.access_log.flush()
 
-    cdef void log_upstream_error(self, Exchange ex, str upstream, str address, str reason) except *:
+    cdef int log_upstream_error(self, Exchange ex, str upstream, str address, str reason) except -1:
         """`ex` is None for a connection idle in its pool."""
         if self.error_logger is None:
-            return
+            return 0
         if ex is None:
             self.error_logger.error('upstream "%s" %s: %s', upstream, address, reason)
         else:
@@ -237,15 +241,16 @@ cdef class WorkerCore:
                 'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
                 upstream, address, reason, ex.client.addr.decode(),
                 log_text(ex.method), log_text(ex.url), log_text(ex.request_id))
+        return 0
 
-    cdef void log_refused(self, Exchange ex, str reason) except *:
+    cdef int log_refused(self, Exchange ex, str reason) except -1:
         """An info line for a request refused with a 4xx or 505. At most
         REFUSALS_LOGGED_PER_SECOND lines a second: the count of those left out is logged
         with the first line of the next second that has one."""
         cdef int status = ex.local_status
         logger = self.error_logger
         if logger is None or not logger.isEnabledFor(logging.INFO):
-            return
+            return 0
         if self.now >= self.refusals_window_end:
             if self.refusals_unlogged:
                 logger.info("%d more refused requests were not logged (at most %d a second are)",
@@ -254,7 +259,7 @@ cdef class WorkerCore:
             self.refusals_logged = self.refusals_unlogged = 0
         if self.refusals_logged >= REFUSALS_LOGGED_PER_SECOND:
             self.refusals_unlogged += 1
-            return
+            return 0
         self.refusals_logged += 1
         if reason is None:
             if status == 408:
@@ -265,11 +270,13 @@ cdef class WorkerCore:
         logger.info('refused request with %d: %s; client %s, request "%s %s %s", request id %s',
                     status, reason, ex.client.addr.decode(), log_text(ex.method), log_text(ex.url),
                     ex.log_protocol(), log_text(ex.request_id))
+        return 0
 
-    cdef void report_error(self, exc) except *:
+    cdef int report_error(self, exc) except -1:
         if self.error_logger is not None:
             self.error_logger.error("unexpected error while handling a request",
                                     exc_info=(type(exc), exc, exc.__traceback__))
+        return 0
 
 
 def upstream_host(UpstreamPool pool):

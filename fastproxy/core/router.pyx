@@ -1,6 +1,7 @@
 # Route matching. Routes are ranked once per reload (Router.__init__); matching is a
 # short scan in rank order where the first full match wins.
 
+@cython.final
 cdef class CompiledRoute:
     cdef readonly str name
     cdef bytes log_name       # name, JSON-escaped, for the access log
@@ -19,7 +20,7 @@ cdef class CompiledRoute:
     cdef tuple request_head_filters, response_head_filters, response_body_filters, log_filters
     cdef Py_ssize_t slot_count  # per-request slots its stateful filters use (ex.slots)
 
-    cdef bint host_matches(self, bytes host):
+    cdef bint host_matches(self, bytes host) except -1:
         cdef bytes suffix
         if not self.hosts and not self.host_suffixes:
             return True
@@ -30,7 +31,7 @@ cdef class CompiledRoute:
                 return True
         return False
 
-    cdef bint path_matches(self, bytes path):
+    cdef bint path_matches(self, bytes path) except -1:
         if self.path is not None:
             return path == self.path
         if self.prefix is not None:
@@ -50,6 +51,7 @@ def _rank(route):
     )
 
 
+@cython.final
 cdef class Router:
     cdef tuple ranked
     cdef bint uses_hosts
