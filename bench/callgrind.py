@@ -8,8 +8,9 @@ and its config snippet), fastproxy runs with one worker under callgrind in front
 origin in this process, and one client connection sends `short` requests in one run and
 `long` in another (a new connection per request when the scenario sends Connection: close).
 The difference of the worker's user-space instructions over long - short requests leaves out
-start-up and shutdown: what remains is per request, plus the once-a-second sweep timer, which
-ticks more often in the longer run.
+start-up and shutdown; the short run then idles for as long as its missing requests would
+take, so both count about as many ticks of the once-a-second sweep, and what remains is per
+request.
 
 `--tree` measures another checkout (built in place), e.g. a worktree of main, for a
 before/after in the same session.
@@ -41,7 +42,8 @@ SIZES = {"100b": 100, "16k": 16 * 1024}  # the origin's paths, as in bench/origi
 
 
 class Origin:
-    """A keep-alive origin answering every GET with its path's size of body (no request bodies)."""
+    """A keep-alive origin answering every request with its path's size of body (none to a HEAD);
+    requests have no body."""
 
     def __init__(self):
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -66,10 +68,10 @@ class Origin:
                         return
                     buf += data
                 head, buf = buf.split(b"\r\n\r\n", 1)
-                path = head.split(b" ", 2)[1].decode().lstrip("/")
-                body = b"x" * SIZES.get(path, 0)
+                method, target, _ = head.split(b" ", 2)
+                size = SIZES.get(target.decode().lstrip("/"), 0)
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
-                             % len(body) + body)
+                             % size + (b"x" * size if method != b"HEAD" else b""))
 
     def close(self) -> None:
         self.sock.close()
@@ -116,20 +118,25 @@ def send_requests(port: int, scenario: Scenario, n: int) -> None:
 
 
 def wait_ready(port: int, proc: subprocess.Popen) -> None:
+    """Until a request is answered: the master listens before its worker has started."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("fastproxy exited at start")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+                sock.sendall(b"GET /100b HTTP/1.1\r\nHost: bench\r\n\r\n")
+                read_response(sock, b"")
                 return
-        except OSError:
+        except (OSError, RuntimeError):
             time.sleep(0.2)
     raise RuntimeError("fastproxy did not start in time")
 
 
-def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, workdir: Path) -> int:
-    """User-space instructions the worker ran over a whole run of n requests."""
+def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, workdir: Path,
+                        pad: float = 0.0) -> Tuple[int, float]:
+    """User-space instructions the worker ran over a whole run of n requests, and the seconds
+    the requests took; the worker then idles for `pad` seconds before it is stopped."""
     port = free_port()
     conf = workdir / "fastproxy.toml"
     snippet = ""
@@ -152,7 +159,10 @@ def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, 
         workers = [pid for pid in tree_pids(proc.pid) if pid != proc.pid]
         if len(workers) != 1:
             raise RuntimeError(f"expected one worker, found {workers}")
+        started = time.monotonic()
         send_requests(port, scenario, n)
+        took = time.monotonic() - started
+        time.sleep(pad)
         proc.send_signal(signal.SIGTERM)
         proc.wait(STOP_TIMEOUT)
     finally:
@@ -162,7 +172,7 @@ def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, 
     out = workdir / f"callgrind.{workers[0]}"
     for line in out.read_text(errors="replace").splitlines():
         if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
+            return int(line.split()[1]), took
     raise RuntimeError(f"no instruction count in {out}")
 
 
@@ -185,8 +195,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="fp-callgrind-") as tmp:
             for s in scenarios:
-                short = worker_instructions(args.tree, s, origin, args.short, Path(tmp))
-                long = worker_instructions(args.tree, s, origin, args.long, Path(tmp))
+                long, took = worker_instructions(args.tree, s, origin, args.long, Path(tmp))
+                # the short run idles for what its missing requests would take, so both
+                # runs count about as many sweeps
+                short, _ = worker_instructions(args.tree, s, origin, args.short, Path(tmp),
+                                               pad=took * (1 - args.short / args.long))
                 print(f"| {s.name} | {(long - short) / (args.long - args.short):,.0f} |", flush=True)
     finally:
         origin.close()
