@@ -2,7 +2,7 @@
 # request ids, error bodies. Included first by _core.pyx.
 
 cimport cython
-from libc.stdint cimport uint16_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint64_t, int64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 
@@ -70,6 +70,8 @@ cdef extern from *:
         const char *error_pos
         void *data
         uint64_t content_length
+        uint8_t http_major
+        uint8_t http_minor
         uint16_t flags
         uint16_t status_code
     ctypedef struct fp_httptools_parser:
@@ -86,6 +88,13 @@ cdef inline fp_llhttp_head *llhttp_state(object parser) noexcept:
 cdef Py_ssize_t stopped_at(object parser, bytes data) noexcept:
     """Offset in `data` (the bytes last fed to `parser`) where a callback stopped it."""
     return llhttp_state(parser).error_pos - PyBytes_AS_STRING(data)
+
+
+cdef inline bint is_http_1x(object parser, int minor) noexcept:
+    """The message being parsed is HTTP/1.`minor`: read from llhttp's state, not through
+    get_http_version(), which builds a string."""
+    cdef fp_llhttp_head *state = llhttp_state(parser)
+    return state.http_major == 1 and state.http_minor == minor
 
 
 cdef inline void skip_body(object parser) noexcept:
@@ -108,6 +117,7 @@ class _LayoutProbe:
         self.seen.append(
             state.data == <void *>self.parser
             and state.status_code == self.parser.get_status_code()
+            and is_http_1x(self.parser, 1 if first else 0)
             and state.content_length == (7 if first else 2)
             and state.flags & (FP_F_CONTENT_LENGTH | FP_F_SKIPBODY) == FP_F_CONTENT_LENGTH)
         if first:
@@ -124,7 +134,7 @@ cdef check_parser_layout():
     probe = _LayoutProbe()
     try:
         probe.parser.feed_data(b"HTTP/1.1 299 X\r\nContent-Length: 7\r\n\r\n"
-                               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                               b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
     except HttpParserError:
         pass  # a flag written at the wrong place: told below
     if probe.seen != [True, "end", True, b"ok", "end"]:
