@@ -13,8 +13,11 @@ include "core/compress.pyx"
 include "core/router.pyx"
 include "core/path.pyx"
 include "core/accesslog.pyx"
+include "core/consumer.pyx"
 include "core/upstream.pyx"
 include "core/http.pyx"
+include "core/subrequest.pyx"
+include "core/f_mirror.pyx"
 include "core/context.pyx"
 
 

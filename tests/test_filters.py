@@ -44,8 +44,9 @@ def test_builtin_filters_pinned():
         ("request_headers", 100, [Phase.REQUEST_HEADERS], "request_headers", True),
         ("response_headers", 2000, [Phase.RESPONSE_HEADERS], "response_headers", False),
         ("compress", 1900, [Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY], "compress", False),
+        ("mirror", 50, [Phase.REQUEST_BODY, Phase.UPSTREAM, Phase.LOG], "mirror", True),
     ]
-    assert [t.config.name for t in FILTERS if t.config.stateful] == ["compress"]
+    assert [t.config.name for t in FILTERS if t.config.stateful] == ["compress", "mirror"]
     assert [t.config.name for t in FILTERS if t.config.main_default] == ["compress"]
 
 
@@ -90,6 +91,6 @@ def test_every_handler_runs_in_the_core_and_has_its_key_in_routes(tmp_path):
 def test_a_filter_type_must_hook_phases_the_core_runs():
     @dataclasses.dataclass(frozen=True)
     class BodyFilter(RequestHeaders):
-        phases = frozenset({Phase.REQUEST_BODY})  # not run yet (RESPONSE_BODY is)
-    with pytest.raises(TypeError, match="REQUEST_BODY"):
+        phases = frozenset({Phase.ACCEPT})  # not run yet
+    with pytest.raises(TypeError, match="ACCEPT"):
         FilterType(BodyFilter, REQUEST_SECTION, compile_transform)

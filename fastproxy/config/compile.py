@@ -77,7 +77,10 @@ def _check_listeners(tree: dict, report: Report) -> None:
 def _check_route(route: dict, where: str, tree: dict, report: Report) -> None:
     if route.get("path") is not None and route.get("path_prefix") is not None:
         report(where, "set at most one of 'path' and 'path_prefix'")
-    handlers.check_route(route, where, tree, registry.route_filters(route), report)
+    filters = registry.route_filters(route)
+    handlers.check_route(route, where, tree, filters, report)
+    for compiled in filters:
+        compiled.check(f"{where}.{compiled.name}", tree, report)
 
 
 def route_name(route: dict) -> Optional[str]:

@@ -25,7 +25,7 @@ class HandlerType:
     sends_upstream: bool  # filters that only edit what goes upstream make sense with it
 
 
-def _check_upstream(name: str, where: str, tree: dict, report: Report) -> None:
+def check_upstream(name: str, where: str, tree: dict, report: Report) -> None:
     upstreams = tree.get("upstreams") or {}
     if name not in upstreams:
         known = did_you_mean(name, upstreams) or (
@@ -46,7 +46,7 @@ def _build_respond(respond: dict) -> Respond:
 HANDLERS: Tuple[HandlerType, ...] = (
     HandlerType(Key("upstream", String(), None, "Name of the `[upstreams.NAME]` to proxy to (a route sets exactly "
                     "one handler: `upstream` or `respond`)."),
-                _check_upstream, Proxy, sends_upstream=True),
+                check_upstream, Proxy, sends_upstream=True),
     HandlerType(Key("respond", Table(RESPOND), None, "Answer locally instead; see below."),
                 _check_respond, _build_respond, sends_upstream=False),
 )

@@ -116,8 +116,8 @@ cdef class WorkerCore:
         cr.methods = tuple(route.methods)
         cr.max_body_size = route.max_body_size
         cr.max_header_size = route.max_header_size
-        (request_head, cr.response_head_filters, cr.response_body_filters, cr.log_filters,
-         cr.slot_count) = route_hooks(route.phases)
+        (request_head, cr.request_body_filters, cr.upstream_filters, cr.response_head_filters,
+         cr.response_body_filters, cr.log_filters, cr.slot_count) = route_hooks(route.phases, self)
         if handler.runtime == "proxy":
             cr.pool = self.pools_by_name[handler.upstream]
             cr.upstream_host = upstream_host(cr.pool)
@@ -137,19 +137,14 @@ cdef class WorkerCore:
         """Periodic sweep: expired timeouts, the Date header, buffered log lines."""
         cdef double now = monotonic()
         cdef ClientConnection client
-        cdef UpstreamConnection conn
         cdef UpstreamPool pool
         self.now = now
         self.date_line = b"Date: " + http_date() + b"\r\n"
         for client in list(self.clients):
             if client.deadline and client.deadline <= now:
                 client.timed_out()
-        for client in list(self.clients):
-            # a busy upstream connection always belongs to a client's current exchange
-            conn = client.current.upstream if client.current is not None else None
-            if conn is not None and conn.deadline and conn.deadline <= now:
-                conn.timed_out()
         for pool in self.pools_by_name.values():
+            pool.expire_busy(now)
             pool.expire_idle(now, now - self.tick_interval)
         self.return_memory(now)
         if self.access_log is not None and now >= self.next_log_flush:
@@ -230,17 +225,16 @@ cdef class WorkerCore:
         if self.access_log is not None:
             self.access_log.flush()
 
-    cdef int log_upstream_error(self, Exchange ex, str upstream, str address, str reason) except -1:
+    cdef int log_upstream_error(self, UpstreamConsumer ex, str upstream, str address,
+                                str reason) except -1:
         """`ex` is None for a connection idle in its pool."""
         if self.error_logger is None:
             return 0
         if ex is None:
             self.error_logger.error('upstream "%s" %s: %s', upstream, address, reason)
         else:
-            self.error_logger.error(
-                'upstream "%s" %s: %s; client %s, request "%s %s", request id %s',
-                upstream, address, reason, ex.client.addr.decode(),
-                log_text(ex.method), log_text(ex.url), log_text(ex.request_id))
+            self.error_logger.error('upstream "%s" %s: %s; %s', upstream, address, reason,
+                                    ex.log_context())
         return 0
 
     cdef int log_refused(self, Exchange ex, str reason) except -1:

@@ -3,8 +3,11 @@ cdef class ResponseHead
 cdef class CompiledRoute
 cdef class Router
 cdef class AccessLog
+cdef class UpstreamConsumer
 cdef class UpstreamPool
 cdef class UpstreamConnection
 cdef class Exchange
+
+
 cdef class ClientConnection
 cdef class WorkerCore

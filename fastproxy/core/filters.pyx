@@ -24,10 +24,26 @@ cdef class Filter:
     def __init__(self, config):
         pass
 
+    cdef int bind(self, WorkerCore core) except -1:
+        """Once per reload, after __init__, in the worker: take what it uses of the core
+        (upstream pools, the metrics writer)."""
+        return 0
+
     cdef int request_head(self, Exchange ex) except -1:
         """The request head is complete, within its limits and routed; nothing was sent
         upstream. May edit the headers sent upstream or answer (ex.respond(), then
         FILTER_RESPOND)."""
+        return FILTER_CONTINUE
+
+    cdef int request_body(self, Exchange ex, bytes data, bint last) except -1:
+        """A chunk of the request body on its way upstream (its content, without the chunked
+        framing), then once more with last=True and data b"" when the body is complete. It
+        may only pass it on for now (editing or collecting the body comes later)."""
+        return FILTER_CONTINUE
+
+    cdef int upstream(self, Exchange ex) except -1:
+        """The request head to send upstream is final (ex.upstream_head); the route's
+        upstream is contacted next, once the exchange's turn comes (pipelining)."""
         return FILTER_CONTINUE
 
     cdef int response_head(self, Exchange ex, ResponseHead head) except -1:
@@ -187,12 +203,32 @@ cdef int run_request_head(tuple filters, Exchange ex) except -1:
     return FILTER_CONTINUE
 
 
+cdef inline int continued(int status, object hooked, str hook) except -1:
+    """Only request_head may answer yet: another status from another hook is a bug."""
+    if status != FILTER_CONTINUE:
+        raise RuntimeError("%s.%s did not continue (only request_head may answer yet)"
+                           % (type(hooked).__name__, hook))
+    return 0
+
+
+cdef int run_request_body(tuple filters, Exchange ex, bytes data, bint last) except -1:
+    cdef Py_ssize_t i
+    for i in range(len(filters)):
+        continued((<Filter>filters[i]).request_body(ex, data, last), filters[i], "request_body")
+    return 0
+
+
+cdef int run_upstream(tuple filters, Exchange ex) except -1:
+    cdef Py_ssize_t i
+    for i in range(len(filters)):
+        continued((<Filter>filters[i]).upstream(ex), filters[i], "upstream")
+    return 0
+
+
 cdef int run_response_head(tuple filters, Exchange ex, ResponseHead head) except -1:
     cdef Py_ssize_t i
     for i in range(len(filters)):
-        if (<Filter>filters[i]).response_head(ex, head) != FILTER_CONTINUE:
-            raise RuntimeError("%s.response_head did not continue (only request_head may answer yet)"
-                               % type(filters[i]).__name__)
+        continued((<Filter>filters[i]).response_head(ex, head), filters[i], "response_head")
     return 0
 
 
@@ -274,11 +310,16 @@ FILTER_CLASSES = {"request_headers": RequestHeaders, "response_headers": Respons
 HANDLER_CLASSES = {"respond": Respond}
 
 
-def route_hooks(phases):
-    """(request_head, response_head, response_body, log, slots): the runtime filters of a
-    route's compiled phases, each tuple in run order, and how many per-request slots its
-    stateful filters need (each is given its index in ex.slots). A filter with several
-    hooks is one object in each tuple."""
+# The phases with a hook, in the order of route_hooks' tuples.
+HOOK_PHASES = (Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.UPSTREAM, Phase.RESPONSE_HEADERS,
+               Phase.RESPONSE_BODY, Phase.LOG)
+
+
+def route_hooks(phases, WorkerCore core):
+    """The runtime filters of a route's compiled phases, one tuple per HOOK_PHASES entry in
+    run order, then how many per-request slots its stateful filters need (each is given its
+    index in ex.slots). A filter with several hooks is one object in each tuple, bound to
+    the core (Filter.bind) once."""
     cdef Filter made
     cdef Py_ssize_t slots = 0
     by_config = {}
@@ -286,11 +327,11 @@ def route_hooks(phases):
         for config in phase:
             if id(config) not in by_config:
                 made = FILTER_CLASSES[config.runtime](config)
+                made.bind(core)
                 made.slot = -1
                 if config.stateful:
                     made.slot = slots
                     slots += 1
                 by_config[id(config)] = made
     return tuple(tuple(by_config[id(config)] for config in phases[phase])
-                 for phase in (Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS,
-                               Phase.RESPONSE_BODY, Phase.LOG)) + (slots,)
+                 for phase in HOOK_PHASES) + (slots,)

@@ -82,12 +82,10 @@ class _PipelineFull(Exception):
     to stop httptools at a message boundary (see ClientConnection.hold)."""
 
 
-@cython.freelist(64)
-cdef class Exchange:
+cdef class Exchange(UpstreamConsumer):
     cdef ClientConnection client
     cdef CompiledRoute route
-    cdef UpstreamConnection upstream
-    cdef bytes method, url, path, host, request_id, xff, referer, user_agent, upstream_addr
+    cdef bytes method, url, path, host, request_id, xff, referer, user_agent
     cdef bytes received_url     # the target as the client sent it, when `url` was rewritten
     cdef bytes protocol         # for the logs, when neither HTTP/1.0 nor HTTP/1.1: "HTTP/2.0", "-"
     cdef list fwd_headers       # name, value, name, value, ... in arrival order
@@ -105,10 +103,10 @@ cdef class Exchange:
     cdef int local_status       # >0: answered locally (respond route or an error)
     cdef int status
     cdef int frame
-    cdef bint http11, keep_alive, chunked_in, has_length, expect_continue
+    cdef bint keep_alive, chunked_in, has_length, expect_continue
     cdef bint has_connection, conn_upgrade
-    cdef bint upgrade_websocket, upgrading, is_head, head_done, request_done
-    cdef bint response_started, response_done, aborted, retried, close_after
+    cdef bint upgrade_websocket, head_done
+    cdef bint response_done, close_after
     cdef bint body_hooks        # the response body goes through the route's response_body hooks
     cdef Py_ssize_t content_length, body_received, head_size
     cdef Py_ssize_t bytes_in, bytes_out
@@ -249,6 +247,8 @@ cdef class Exchange:
             self.fail(400, "upgrade request with a body")
             return
         self.upstream_head = self.build_upstream_head(core)
+        if self.route.upstream_filters:
+            run_upstream(self.route.upstream_filters, self)
 
     cdef bint set_path(self, bint keep_encoded_slashes) except *:
         """Sets `path` to the normal form of the target's path (path.pyx): the router and the
@@ -356,6 +356,8 @@ cdef class Exchange:
             raise _StopRequest()
         if self.local_status or self.route is None:
             return  # answered locally: the body is read and dropped
+        if self.route.request_body_filters:
+            run_request_body(self.route.request_body_filters, self, data, False)
         if self.chunked_in:
             self.to_upstream(chunk_header(n))
             self.to_upstream(data)
@@ -365,6 +367,8 @@ cdef class Exchange:
 
     cdef void message_complete(self) except *:
         self.request_done = True
+        if not self.local_status and self.route is not None and self.route.request_body_filters:
+            run_request_body(self.route.request_body_filters, self, b"", True)
         if self.chunked_in and not self.local_status and self.route is not None:
             self.to_upstream(LAST_CHUNK)
         if self.upstream is not None and self.upstream.state == UP_BUSY:
@@ -470,6 +474,48 @@ cdef class Exchange:
         self.local_status = status
         self.respond_local()
         self.client.flush()
+
+    # -- the rest of what the upstream connection calls (UpstreamConsumer) ----------------
+
+    cdef int response_cut(self) except -1:
+        self.client.abort()  # the client can tell from the connection closing early
+        return 0
+
+    cdef int read_done(self) except -1:
+        self.client.flush()
+        return 0
+
+    cdef int internal_error(self, object exc) except -1:
+        self.client.internal_error(exc)
+        return 0
+
+    cdef str log_context(self):
+        return 'client %s, request "%s %s", request id %s' % (
+            self.client.addr.decode(), log_text(self.method), log_text(self.url),
+            log_text(self.request_id))
+
+    cdef Py_ssize_t send_room(self) except -1:
+        return self.client.send_room()
+
+    cdef int pause_source(self) except -1:
+        self.client.pause_reading(PAUSE_UPSTREAM_FULL)
+        return 0
+
+    cdef int resume_source(self) except -1:
+        self.client.resume_reading(PAUSE_UPSTREAM_FULL)
+        return 0
+
+    cdef int tunnel_started(self, UpstreamConnection conn, bytes rest) except -1:
+        self.client.start_tunnel(conn, rest)
+        return 0
+
+    cdef int tunnel_data(self, object data) except -1:
+        self.client.tunnel_to_client(data)
+        return 0
+
+    cdef int tunnel_closed(self) except -1:
+        self.client.close_now()
+        return 0
 
     # -- response side ----------------------------------------------------------
 

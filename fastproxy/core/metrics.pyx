@@ -58,6 +58,16 @@ ctypedef struct CodingCounters:
     uint64_t bytes_in  # body bytes before compression
     uint64_t bytes_out  # and after
 
+cdef enum MirrorResult:
+    # copies of requests sent to an upstream as a mirror (core/f_mirror.pyx)
+    MIRROR_SENT = 0  # started
+    MIRROR_FAILED = 1  # no complete response (connect, reset, timeout, broken)
+    MIRROR_ABANDONED = 2  # its unsent body went over the bound, or its client's upload broke off
+    MIRROR_SKIPPED = 3  # selected but not sent: the mirror's max_in_flight copies were in progress
+
+cdef enum:
+    MIRROR_RESULTS = MIRROR_SKIPPED + 1
+
 ctypedef struct GlobalCounters:
     uint64_t bytes_in  # received from clients
     uint64_t bytes_out  # sent to clients
@@ -69,6 +79,7 @@ ctypedef struct GlobalCounters:
 ctypedef struct UpstreamCounters:
     uint64_t requests
     uint64_t errors[UPSTREAM_ERROR_KINDS]  # by UpstreamErrorKind
+    uint64_t mirrored[MIRROR_RESULTS]  # by MirrorResult, when this upstream is a mirror
 
 ctypedef struct RouteCounters:
     uint64_t status[METRICS_STATUS_CLASSES]
@@ -80,6 +91,7 @@ ctypedef struct RouteCounters:
 DURATION_BUCKETS = tuple([fp_duration_bounds[i] for i in range(METRICS_FINITE_BUCKETS)])
 UPSTREAM_ERROR_KIND_NAMES = ("connect", "reset", "timeout")  # by UpstreamErrorKind
 CODING_NAMES = ("zstd", "br", "gzip")  # by CODING_*
+MIRROR_RESULT_NAMES = ("sent", "failed", "abandoned", "skipped")  # by MirrorResult
 UNROUTED_ROUTE = METRICS_UNROUTED_ROUTE
 
 
@@ -172,7 +184,7 @@ cdef class MetricsSlots:
         (bytes_in, bytes_out, connections_accepted, active_connections, codings), codings
         being (responses, bytes before, bytes after) per CODING_*, a route is
         (status classes, buckets, duration sum in µs) and an upstream (requests, errors by
-        kind). Call it between the zone's read_begin and read_retry."""
+        kind, mirror copies by result). Call it between the zone's read_begin and read_retry."""
         cdef GlobalCounters g
         cdef UpstreamCounters *u
         cdef RouteCounters *r
@@ -200,7 +212,7 @@ cdef class MetricsSlots:
                         for i in range(CODINGS)])),
                 [(tuple(r[i].status), tuple(r[i].buckets), r[i].duration_sum_us)
                  for i in range(routes)],
-                [(u[i].requests, tuple(u[i].errors)) for i in range(upstreams)],
+                [(u[i].requests, tuple(u[i].errors), tuple(u[i].mirrored)) for i in range(upstreams)],
             )
         finally:
             free(u)
@@ -295,6 +307,10 @@ cdef class MetricsWriter:
             _counter_add(&self._global.codings[coding].responses, 1)
             _counter_add(&self._global.codings[coding].bytes_in, before)
             _counter_add(&self._global.codings[coding].bytes_out, after)
+
+    cdef void mirror_result(self, int upstream, int result) noexcept nogil:
+        if 0 <= upstream < self._max_upstreams and MIRROR_SENT <= result <= MIRROR_SKIPPED:
+            _counter_add(&self._upstreams[upstream].mirrored[result], 1)
 
     cdef void connection_opened(self) noexcept nogil:
         _counter_add(&self._global.connections_accepted, 1)

@@ -17,7 +17,8 @@ cdef class CompiledRoute:
     cdef Py_ssize_t max_body_size
     cdef Py_ssize_t max_header_size
     # its filters per hook, in run order (core/filters.pyx); empty tuples for most routes
-    cdef tuple request_head_filters, response_head_filters, response_body_filters, log_filters
+    cdef tuple request_head_filters, request_body_filters, upstream_filters
+    cdef tuple response_head_filters, response_body_filters, log_filters
     cdef Py_ssize_t slot_count  # per-request slots its stateful filters use (ex.slots)
 
     cdef bint host_matches(self, bytes host) except -1:

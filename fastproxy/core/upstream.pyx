@@ -61,6 +61,30 @@ def idle_since(UpstreamConnection conn):
     return conn.idle_at
 
 
+cdef inline void list_busy(UpstreamPool pool, UpstreamConnection conn) noexcept:
+    """Into the pool's busy list (inline: no call per request)."""
+    if conn.listed:
+        return
+    conn.listed = True
+    conn.busy_next = pool.busy
+    if pool.busy is not None:
+        pool.busy.busy_prev = conn
+    pool.busy = conn
+
+
+cdef inline void unlist_busy(UpstreamPool pool, UpstreamConnection conn) noexcept:
+    if not conn.listed:
+        return
+    conn.listed = False
+    if conn.busy_prev is None:
+        pool.busy = conn.busy_next
+    else:
+        conn.busy_prev.busy_next = conn.busy_next
+    if conn.busy_next is not None:
+        conn.busy_next.busy_prev = conn.busy_prev
+    conn.busy_prev = conn.busy_next = None
+
+
 cdef class UpstreamPool:
     cdef WorkerCore core
     cdef readonly str name
@@ -72,6 +96,9 @@ cdef class UpstreamPool:
     cdef int next_server
     cdef int keepalive
     cdef int idle_count
+    # the connections serving a request (connecting, busy or a tunnel), whoever asked: the
+    # sweep checks their deadlines here. An intrusive list: no allocation per request
+    cdef UpstreamConnection busy
     cdef double keepalive_timeout, connect_timeout, read_timeout, send_timeout
 
     def __init__(self, WorkerCore core, upstream, int metric_id):
@@ -90,7 +117,7 @@ cdef class UpstreamPool:
         self.read_timeout = upstream.read_timeout
         self.send_timeout = upstream.send_timeout
 
-    cdef void acquire(self, Exchange ex, bint fresh) except *:
+    cdef void acquire(self, UpstreamConsumer ex, bint fresh) except *:
         """Attach a connection to `ex`: an idle one to the next server in round-robin
         order if there is one, else a new connection."""
         cdef int n = len(self.hosts)
@@ -109,7 +136,7 @@ cdef class UpstreamPool:
                     return
         self.connect(ex, server, n)
 
-    cdef void connect(self, Exchange ex, int server, int attempts_left) except *:
+    cdef void connect(self, UpstreamConsumer ex, int server, int attempts_left) except *:
         cdef UpstreamConnection conn = UpstreamConnection(self, server)
         conn.attach(ex)
         conn.state = UP_CONNECTING
@@ -124,6 +151,7 @@ cdef class UpstreamPool:
         is closed by a later sweep rather than at once: under load, responses finish in
         bursts and a connection closed now would be reopened a moment later."""
         conn.exchange = None
+        unlist_busy(self, conn)
         if self.keepalive == 0 or self.core.draining:
             conn.close()
             return
@@ -132,6 +160,20 @@ cdef class UpstreamPool:
         conn.deadline = conn.idle_at + self.keepalive_timeout
         (<list>self.idle[conn.server]).append(conn)
         self.idle_count += 1
+
+    cdef void expire_busy(self, double now) except *:
+        """Time out the busy connections whose deadline has passed."""
+        cdef list expired = None
+        cdef UpstreamConnection conn = self.busy
+        while conn is not None:
+            if conn.deadline and conn.deadline <= now:
+                if expired is None:
+                    expired = []
+                expired.append(conn)
+            conn = conn.busy_next
+        for conn in expired or ():
+            if conn.listed and conn.deadline and conn.deadline <= now:
+                conn.timed_out()  # an earlier one's failure may have closed it: looked at again
 
     cdef void forget_idle(self, UpstreamConnection conn) except *:
         cdef list idle = <list>self.idle[conn.server]
@@ -182,12 +224,14 @@ cdef class UpstreamConnection:
     # bound methods looked up once per parser / transport instead of once per call
     cdef object feed, status_code, keep_alive, write_one, write_many
     cdef object connect_task
-    cdef Exchange exchange
+    cdef UpstreamConsumer exchange  # what it serves now (named for the client's Exchange)
     cdef double deadline         # 0: none; idle in the pool: when it is closed
     cdef int waiting             # WAIT_*: what the deadline of a busy connection is for
     cdef double wait_since       # when that wait began (the last sign of progress)
     cdef Py_ssize_t blocked_size # request bytes not taken by the upstream when last looked
     cdef double idle_at          # when it last went back to the pool
+    cdef bint listed             # in its pool's busy list, between these two
+    cdef UpstreamConnection busy_prev, busy_next
     cdef int requests            # exchanges completed on this connection
     cdef bint got_bytes          # any response byte for the current exchange
     cdef bint informational      # parsing a 1xx response
@@ -236,8 +280,9 @@ cdef class UpstreamConnection:
             self.connect_failed(UPSTREAM_CONNECT, "connect failed: %s" % task.exception())
 
     cdef void connect_failed(self, int kind, str reason) except *:
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         self.state = UP_CLOSED
+        unlist_busy(self.pool, self)
         self.drop_references()
         self.exchange = None
         if kind == UPSTREAM_CONNECT and self.attempts_left > 0 and ex is not None \
@@ -251,24 +296,25 @@ cdef class UpstreamConnection:
             return
         self.fail_exchange(ex, kind, reason)
 
-    cdef void fail_exchange(self, Exchange ex, int kind, str reason) except *:
-        """Count and log a failure of this connection, then answer `ex`: 502/504 while no
-        response byte was relayed, else close the client connection so it can tell."""
+    cdef void fail_exchange(self, UpstreamConsumer ex, int kind, str reason) except *:
+        """Count and log a failure of this connection, then tell `ex`: 502/504 while no
+        response byte was relayed, else that its response is cut off."""
         self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         if ex is None or ex.aborted:
             return
         ex.upstream = None
         self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
         if ex.response_started:
-            ex.client.abort()
+            ex.response_cut()
         else:
             ex.upstream_failed(504 if kind == UPSTREAM_TIMEOUT else 502)
 
     cdef str address(self):
         return (<bytes>self.pool.addr_bytes[self.server]).decode()
 
-    cdef void attach(self, Exchange ex) except *:
+    cdef void attach(self, UpstreamConsumer ex) except *:
         self.exchange = ex
+        list_busy(self.pool, self)
         ex.upstream = self
         ex.upstream_addr = <bytes>self.pool.addr_bytes[self.server]
         self.got_bytes = False
@@ -312,10 +358,10 @@ cdef class UpstreamConnection:
     # -- asyncio protocol -------------------------------------------------------
 
     cdef void internal_error(self, exc) except *:
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         self.close()
         if ex is not None:
-            ex.client.internal_error(exc)
+            ex.internal_error(exc)
         else:
             self.pool.core.report_error(exc)
 
@@ -348,15 +394,13 @@ cdef class UpstreamConnection:
 
     cdef void receive(self, object data) except *:
         """One read: bytes, or a view of the worker's read buffer while a body streams."""
-        cdef Exchange ex = self.exchange
-        cdef ClientConnection client
+        cdef UpstreamConsumer ex = self.exchange
         if ex is None or self.state != UP_BUSY:
             if self.state == UP_TUNNEL and ex is not None:
-                ex.client.tunnel_to_client(data)
+                ex.tunnel_data(data)
                 return
             self.unsolicited(data)
             return
-        client = ex.client
         if not self.response_head_seen:
             if self.body_reader is not None:
                 data = bytes(data)  # the head is kept across reads: not a view of the buffer
@@ -382,7 +426,7 @@ cdef class UpstreamConnection:
             elif self.body_reader is None and self.state == UP_BUSY and self.response_head_seen \
                     and (self.resp_length > LONG_BODY or self.body_relayed > LONG_BODY):
                 self.read_body_into_buffer(True)
-        client.flush()  # one write for everything this read produced
+        ex.read_done()  # one write for everything this read produced
 
     cdef void callback_failed(self, object cause) except *:
         if isinstance(cause, _BadResponse):
@@ -409,9 +453,10 @@ cdef class UpstreamConnection:
             self.internal_error(error)
 
     cdef void lost(self, object exc) except *:
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         cdef int previous = self.state
         self.state = UP_CLOSED
+        unlist_busy(self.pool, self)
         self.drop_references()
         if previous == UP_IDLE:
             self.pool.forget_idle(self)
@@ -420,7 +465,7 @@ cdef class UpstreamConnection:
         if ex is None or ex.aborted:
             return
         if previous == UP_TUNNEL:
-            ex.client.close_now()
+            ex.tunnel_closed()
             return
         if ex.response_started and not self.resp_has_length and not self.resp_chunked:
             # a body with neither length nor chunking ends when the upstream closes
@@ -443,7 +488,7 @@ cdef class UpstreamConnection:
         self.pool.core.now = monotonic()
         self.write_blocked = True
         if self.exchange is not None:
-            self.exchange.client.pause_reading(PAUSE_UPSTREAM_FULL)
+            self.exchange.pause_source()
             self.blocked_size = self.untaken()
             self.wait_for(WAIT_SEND, self.pool.send_timeout)
 
@@ -451,7 +496,7 @@ cdef class UpstreamConnection:
         self.pool.core.now = monotonic()
         self.write_blocked = False
         if self.exchange is not None:
-            self.exchange.client.resume_reading(PAUSE_UPSTREAM_FULL)
+            self.exchange.resume_source()
             if self.state == UP_BUSY and self.exchange.request_done:
                 self.await_response()
             else:
@@ -469,7 +514,7 @@ cdef class UpstreamConnection:
             raise _BadResponse("sent bytes after a complete response; connection closed")
 
     def on_headers_complete(self):
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         cdef int status = self.status_code()
         cdef bytes raw = self.head_buf
         cdef const char *p = PyBytes_AS_STRING(raw)
@@ -612,16 +657,16 @@ cdef class UpstreamConnection:
     cdef object body_buffer(self):
         """Where BodyReader's next read goes: as much of the worker's read buffer as the
         client can take without going over its high-water mark."""
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         cdef Py_ssize_t room = BODY_READ_MAX
         if ex is not None:
-            room = ex.client.send_room()
+            room = ex.send_room()
         if room >= BODY_READ_MAX:
             return self.pool.core.read_view
         return self.pool.core.read_view[:max(room, BODY_READ_MIN)]
 
     cdef void response_complete(self) except *:
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         # with request bytes still buffered, the upstream answered before reading them all:
         # sent later, they would be read as the next request
         cdef bint reusable = self.resp_keep_alive and ex.request_done and not ex.upgrading \
@@ -639,7 +684,7 @@ cdef class UpstreamConnection:
     cdef void protocol_error(self, str reason) except *:
         """The upstream broke HTTP: the connection is closed, never reused. A response
         already complete still reaches the client; otherwise 502 (or a cut-off body)."""
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         self.exchange = None
         self.close()
         if not self.response_done:
@@ -652,12 +697,12 @@ cdef class UpstreamConnection:
 
     cdef void upgraded(self, bytes rest) except *:
         """The upstream answered 101: from here on both sides are an opaque tunnel."""
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         self.state = UP_TUNNEL
         self.stop_waiting()
         if self.body_reader is not None:
             self.read_body_into_buffer(False)  # tunnel bytes are written on, not parsed
-        ex.client.start_tunnel(self, rest)
+        ex.tunnel_started(self, rest)
 
     cdef void send(self, list out) except *:
         if len(out) == 1:
@@ -685,7 +730,7 @@ cdef class UpstreamConnection:
             self.transport.resume_reading()
 
     cdef void timed_out(self) except *:
-        cdef Exchange ex = self.exchange
+        cdef UpstreamConsumer ex = self.exchange
         cdef double waited = self.pool.core.now - self.wait_since
         cdef Py_ssize_t untaken
         cdef str reason
@@ -724,6 +769,7 @@ cdef class UpstreamConnection:
         if self.state == UP_IDLE:
             self.pool.forget_idle(self)
         self.state = UP_CLOSED
+        unlist_busy(self.pool, self)
         if self.connect_task is not None:
             self.connect_task.cancel()
         if self.transport is not None:

@@ -29,8 +29,9 @@ class Phase(enum.IntEnum):
 
 
 RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.LOG})
-# The phases the core runs hooks for today (request_head, response_head, response_body, log).
-CORE_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.LOG})
+# The phases the core runs hooks for today (all but ACCEPT).
+CORE_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.UPSTREAM, Phase.RESPONSE_HEADERS,
+                         Phase.RESPONSE_BODY, Phase.LOG})
 
 
 class Filter:
@@ -46,6 +47,10 @@ class Filter:
     zones: tuple = ()  # the shared-memory zones it needs (ZoneSpec; docs/extending.md, Zones)
     stateful: bool = False  # it keeps per-request state: its runtime half gets a slot in ex.slots
     main_default: bool = False  # [main] may set it for every route that does not set its own
+
+    def check(self, where: str, tree: dict, report) -> None:
+        """Rules against the rest of the config (the upstream it names, ...): report(key path,
+        reason) for each problem; `where` is its key's path ("routes[3].mirror")."""
 
 
 def compile_phases(filters) -> tuple:

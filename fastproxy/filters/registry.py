@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Tuple, Type
 
 from fastproxy.config.schema import Invalid, Key, Section, Table, check_table
 
-from . import compress, headers
+from . import compress, headers, mirror
 from .base import CORE_PHASES, Filter
 
 
@@ -72,6 +72,7 @@ FILTERS: Tuple[FilterType, ...] = (
     FilterType(headers.RequestHeaders, headers.REQUEST_SECTION, headers.compile_transform),
     FilterType(headers.ResponseHeaders, headers.RESPONSE_SECTION, headers.compile_transform),
     FilterType(compress.Compress, compress.SECTION, compress.compile_compress),
+    FilterType(mirror.Mirror, mirror.SECTION, mirror.compile_mirror),
 )
 
 

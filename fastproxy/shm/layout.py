@@ -31,11 +31,11 @@ from __future__ import annotations
 
 # What the Cython side defines, for the offsets below and the reader's labels.
 from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS, CODING_NAMES: re-exported for the reader)
-    CODING_NAMES, DURATION_BUCKETS, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE,
-    metrics_slot_size)
+    CODING_NAMES, DURATION_BUCKETS, MIRROR_RESULT_NAMES, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES,
+    ZONE_HEADER_SIZE, metrics_slot_size)
 
 ZONE_NAME = "metrics"
-LAYOUT_VERSION = 3  # 1: one fixed region, names append-only for the master's life; 2: no compression counters
+LAYOUT_VERSION = 4  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror counters
 WORD = 8
 CACHE_LINE = 64
 
@@ -58,6 +58,7 @@ RESERVED_ROUTES = {UNROUTED_NAME: UNROUTED_ROUTE, RETIRED_NAME: RETIRED_ROUTE}
 RESERVED_UPSTREAMS = {RETIRED_NAME: RETIRED_UPSTREAM}
 
 UPSTREAM_ERROR_KINDS = UPSTREAM_ERROR_KIND_NAMES
+MIRROR_RESULTS = MIRROR_RESULT_NAMES
 
 # --- master info: word indexes from MASTER_OFFSET ---
 MASTER_OFFSET = ZONE_HEADER_SIZE

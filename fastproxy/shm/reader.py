@@ -80,14 +80,21 @@ def render_prometheus(zone) -> bytes:
             out.append(f'{name}{{encoding="{coding}"}} {counts[field]}\n')
 
     family("fastproxy_upstream_requests_total", "counter", "Requests sent to an upstream.")
-    for upstream, (requests, _) in upstreams:
+    for upstream, (requests, _, _) in upstreams:
         out.append(f'fastproxy_upstream_requests_total{{upstream="{_label(upstream)}"}} {requests}\n')
     family("fastproxy_upstream_errors_total", "counter",
            "Failed upstream exchanges, by kind: connect (failed or refused), reset, timeout.")
-    for upstream, (_, errors) in upstreams:
+    for upstream, (_, errors, _) in upstreams:
         for kind, count in zip(L.UPSTREAM_ERROR_KINDS, errors):
             out.append(f'fastproxy_upstream_errors_total{{upstream="{_label(upstream)}",'
                        f'kind="{kind}"}} {count}\n')
+    family("fastproxy_mirror_requests_total", "counter",
+           "Copies of requests sent to an upstream as a mirror, by result: sent (started), "
+           "failed, abandoned, skipped (not sent: max_in_flight copies in progress).")
+    for upstream, (_, _, mirrored) in upstreams:
+        for result, count in zip(L.MIRROR_RESULTS, mirrored):
+            out.append(f'fastproxy_mirror_requests_total{{upstream="{_label(upstream)}",'
+                       f'result="{result}"}} {count}\n')
 
     family("fastproxy_active_connections", "gauge", "Client connections open now.")
     out.append(f"fastproxy_active_connections {active}\n")

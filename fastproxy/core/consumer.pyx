@@ -1,0 +1,94 @@
+# What an upstream connection serves: the consumer of one request/response pair. The client's
+# Exchange (http.pyx) is one, a Subrequest (subrequest.pyx), the proxy's own request, another.
+# UpstreamConnection knows only this interface: it never reaches a client connection.
+
+cdef class UpstreamConsumer:
+    """The request an upstream connection sends and the response it hands back.
+
+    Its fields are what the connection reads (a field, not a call, so the hot path costs
+    what it did when the connection talked to the Exchange directly); its methods are the
+    calls the connection makes. The Exchange methods kept their names and signatures (void,
+    except *); the calls added with the interface return int, except -1."""
+    cdef UpstreamConnection upstream  # the connection serving it now, or None
+    cdef bytes upstream_addr     # that server's "host:port" (the access log's)
+    cdef bint http11             # interim (1xx) responses are passed to interim_response
+    cdef bint is_head            # a HEAD request: its response has no body
+    cdef bint upgrading          # may be answered 101, after which the connection is a tunnel
+    cdef bint request_done       # the whole request has been given to the connection
+    cdef bint response_started   # part of the response went on: a failure can no longer answer
+    cdef bint aborted            # its owner is gone: nothing more is delivered to it
+    cdef bint retried            # sent again once already on a fresh connection
+
+    # -- the response, as the connection reads it ---------------------------------------------
+
+    cdef void upstream_ready(self, UpstreamConnection conn) except *:
+        """`conn` is connected (or taken from the pool) for it: send the request."""
+        raise NotImplementedError
+
+    cdef void upstream_failed(self, int status) except *:
+        """No response will come, and none has started: 502, or 504 for a timeout."""
+        raise NotImplementedError
+
+    cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
+                            Py_ssize_t first, Py_ssize_t end) except *:
+        """The final response's head is raw[:end], its header lines from `first`; the
+        connection has noted what it acts on (conn.resp_has_length, ...)."""
+        raise NotImplementedError
+
+    cdef void interim_response(self, UpstreamConnection conn, int status, bytes raw,
+                               Py_ssize_t first, Py_ssize_t end) except *:
+        """A 1xx before the response (never 100 or 101); only called when http11."""
+
+    cdef void response_body(self, bytes data) except *:
+        raise NotImplementedError
+
+    cdef void response_complete(self) except *:
+        """The response is whole; `upstream` is already None (the connection is pooled or
+        closed)."""
+        raise NotImplementedError
+
+    cdef bint can_retry(self) noexcept:
+        """The request may be sent again on a fresh connection when a pooled one turned out
+        closed before any response byte."""
+        return False
+
+    cdef int response_cut(self) except -1:
+        """The connection failed after the response had started: it cannot be completed."""
+        raise NotImplementedError
+
+    cdef int read_done(self) except -1:
+        """A read from the upstream has been handled: pass on what it produced at once."""
+        return 0
+
+    cdef int internal_error(self, object exc) except -1:
+        """A bug while serving it (the connection is closed): reported, costs only this."""
+        raise NotImplementedError
+
+    cdef str log_context(self):
+        """Who asked, for the error log's line about a failed upstream."""
+        return ""
+
+    # -- flow control ---------------------------------------------------------------------------
+
+    cdef Py_ssize_t send_room(self) except -1:
+        """How much response body it can take now (a long body is read no faster)."""
+        return BODY_READ_MAX
+
+    cdef int pause_source(self) except -1:
+        """The upstream's write buffer is full: stop producing request bytes."""
+        return 0
+
+    cdef int resume_source(self) except -1:
+        return 0
+
+    # -- after a 101 (only when upgrading) ------------------------------------------------------
+
+    cdef int tunnel_started(self, UpstreamConnection conn, bytes rest) except -1:
+        """The connection is a tunnel from now on; `rest` is what followed the 101."""
+        raise NotImplementedError
+
+    cdef int tunnel_data(self, object data) except -1:
+        raise NotImplementedError
+
+    cdef int tunnel_closed(self) except -1:
+        raise NotImplementedError
