@@ -293,6 +293,25 @@ def test_client_leaving_mid_upload_abandons_the_copy(make_proxy, make_origin, ma
     assert p.worker_pids() == [pid]
 
 
+def test_a_request_refused_before_the_hooks_is_not_copied(make_proxy, make_origin, main_origin):
+    """A 413 by Content-Length and a 431 come before the route's hooks: no copy, and the
+    mirror's log hook finds no per-request state to clean up."""
+    mirror = make_origin("mirror")
+    p = make_proxy({
+        "main": {"workers": 1},
+        "upstreams": {"main": upstream(main_origin), "mirror": upstream(mirror)},
+        "routes": [{"path_prefix": "/", "upstream": "main", "max_body_size": "1k", "max_header_size": "2k",
+                    "mirror": {"upstream": "mirror"}}],
+    })
+    before = copies(p)
+    assert fetch(p.port, "POST", "/echo", [], b"x" * 2000).status == 413
+    assert fetch(p.port, "GET", "/echo", [("X-Big", "y" * 3000)]).status == 431
+    assert copies(p) == before
+    assert fetch(p.port, "POST", "/echo", [], b"x" * 1000).status == 200
+    assert copies(p) == before + 1
+    assert "unexpected error" not in p.error_log.read_text()
+
+
 # -- configuration -------------------------------------------------------------------------
 
 def test_configuration_errors_are_reported_with_their_key_paths(make_proxy):
