@@ -69,7 +69,7 @@ class Worker:
         asyncio.set_event_loop(self.loop)
         self.core = _core.WorkerCore(
             self.loop, runtime, ctx.route_ids, ctx.upstream_ids,
-            ctx.metrics.writer(ctx.counter_slot), self.loop.stop, log)
+            ctx.metrics.writer(ctx.counter_slot), ctx.zones, self.loop.stop, log)
         for listener, sock in zip(runtime.listeners, ctx.listen_sockets):
             self.servers.append(self.loop.run_until_complete(
                 self.loop.create_server(self.core.protocol_factory, sock=sock,

@@ -40,7 +40,8 @@ def _check_respond(respond: dict, where: str, tree: dict, report: Report) -> Non
 
 def _build_respond(respond: dict) -> Respond:
     return Respond(status=respond["status"], body=respond["body"].encode(),
-                   headers=tuple((name.encode("ascii"), value.encode()) for name, value in respond["headers"]))
+                   headers=tuple((name.encode("ascii"), value.encode()) for name, value in respond["headers"]),
+                   delay=respond["delay"])
 
 
 HANDLERS: Tuple[HandlerType, ...] = (

@@ -48,6 +48,7 @@ class Main:
     keepalive_timeout: float
     keepalive_requests: int
     send_timeout: float
+    pause_timeout: float  # longest a request may stay paused by a filter (then 504)
     server_header: bytes  # value of the Server header we send
     pass_server_header: bool  # True: keep the upstream's Server header instead
     allow_encoded_slashes: bool  # True: %2F, %5C and a literal backslash in a path pass through (else 400)
@@ -81,6 +82,12 @@ class Respond:
     status: int
     body: bytes
     headers: Tuple[Tuple[bytes, bytes], ...]
+    delay: float = 0.0  # seconds to wait before answering; 0: at once
+
+    @property
+    def stateful(self) -> bool:
+        """Its runtime half keeps per-request state (the delay's timer): it gets a slot."""
+        return self.delay > 0
 
 
 @dataclass(frozen=True)

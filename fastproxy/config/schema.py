@@ -499,6 +499,9 @@ MAIN = Section("main", "[main]", TABLE, DEFAULTS, (
         "closed."),
     Key("send_timeout", Duration(), "60s", "Longest a client may go without reading while a response "
         "is sent to it."),
+    Key("pause_timeout", Duration(), "60s", "Longest a request may wait in a route's filter that paused "
+        "it (a `respond` `delay`, or a filter waiting for an answer elsewhere): then it is answered 504 "
+        "and the error log names the filter."),
     Key("server_header", String(), "fastproxy", "Value of the `Server` header of every response."),
     Key("pass_server_header", Boolean(), False, "`true`: keep the upstream's `Server` header instead of "
         "replacing it with `server_header`."),
@@ -544,6 +547,9 @@ RESPOND = Section("respond", "[[routes]].respond", TABLE, OFF, (
     Key("status", Integer(100, 599), REQUIRED, "Response status."),
     Key("body", String(empty=True, control=True), "", "Response body."),
     Key("headers", Headers(), {}, "Response headers; `Content-Length` is added by fastproxy."),
+    Key("delay", Duration(zero=True), "0s", "Wait this long before answering (a mock of a slow service, "
+        "or a tarpit); the worker serves other requests meanwhile. A client that leaves first is logged "
+        "with 499. `[main]` `pause_timeout` bounds it: a longer delay is answered 504."),
 ), "A fixed local response, written inline: `respond = { status = 200, body = \"ok\\n\" }`.")
 
 # [[routes]] without the keys of the handlers and filters, which sections() adds: the keys

@@ -38,6 +38,10 @@ cdef class WorkerCore:
     cdef RequestIds ids
     cdef ByteWriter head_writer  # every message head is built in it, then taken as bytes
     cdef ResponseHead head_edits  # what response_head hooks edit: one, reused for every response
+    cdef object zones  # the generation's zones by name (a ZoneSet), for the filters' runtime halves
+    cdef set paused  # exchanges a filter has paused (FILTER_PAUSE): the sweep bounds their wait
+    cdef double pause_timeout
+    cdef double drain_pauses_until  # draining: the end of the pauses (see expire_pauses)
     # response bodies that span several reads are read into this one buffer (BodyReader):
     # a read is handled before the next begins, so every connection can share it
     cdef object read_view
@@ -67,10 +71,13 @@ cdef class WorkerCore:
     cdef double next_trim         # monotonic time before which the heap is not trimmed
     cdef Py_ssize_t trims
 
-    def __init__(self, loop, runtime, route_ids, upstream_ids, MetricsWriter metrics,
+    def __init__(self, loop, runtime, route_ids, upstream_ids, MetricsWriter metrics, zones,
                  on_drained, error_logger):
         main = runtime.main
         self.loop = loop
+        self.zones = zones
+        self.paused = set()
+        self.pause_timeout = main.pause_timeout
         self.on_drained = on_drained
         self.error_logger = error_logger
         self.clients = set()
@@ -96,7 +103,9 @@ cdef class WorkerCore:
         self.access_log = None if log.path == "off" else AccessLog(log.path, log.format, log.buffer_size)
         self.log_flush_interval = log.flush_interval
         timeouts = [main.client_header_timeout, main.client_body_timeout, main.keepalive_timeout,
-                    main.send_timeout, log.flush_interval]
+                    main.send_timeout, main.pause_timeout, log.flush_interval]
+        if main.shutdown_timeout:
+            timeouts.append(main.shutdown_timeout / 2)  # see expire_pauses
         for u in runtime.upstreams:
             timeouts += [u.connect_timeout, u.read_timeout, u.send_timeout, u.keepalive_timeout]
         # timeouts fire within a quarter of the shortest one, and at least once a second
@@ -105,6 +114,7 @@ cdef class WorkerCore:
 
     cdef CompiledRoute compile_route(self, route, int metric_id):
         cdef CompiledRoute cr = CompiledRoute()
+        cdef Filter local
         handler = route.handler
         cr.name = route.name
         cr.log_name = escape_json(route.name.encode())
@@ -117,13 +127,20 @@ cdef class WorkerCore:
         cr.max_body_size = route.max_body_size
         cr.max_header_size = route.max_header_size
         (request_head, cr.request_body_filters, cr.upstream_filters, cr.response_head_filters,
-         cr.response_body_filters, cr.log_filters, cr.slot_count) = route_hooks(route.phases, self)
+         cr.response_body_filters, cr.log_filters, stateful) = route_hooks(route.phases, self)
         if handler.runtime == "proxy":
             cr.pool = self.pools_by_name[handler.upstream]
             cr.upstream_host = upstream_host(cr.pool)
             cr.request_head_filters = request_head
         else:  # a local handler answers as the route's last request_head filter
-            cr.request_head_filters = request_head + (HANDLER_CLASSES[handler.runtime](handler),)
+            local = HANDLER_CLASSES[handler.runtime](handler)
+            local.bind(self)
+            if handler.stateful:
+                local.slot = len(stateful)
+                stateful += (local,)
+            cr.request_head_filters = request_head + (local,)
+        cr.slot_filters = stateful
+        cr.slot_count = len(stateful)
         return cr
 
     def protocol_factory(self):
@@ -143,6 +160,8 @@ cdef class WorkerCore:
         for client in list(self.clients):
             if client.deadline and client.deadline <= now:
                 client.timed_out()
+        if self.paused:
+            self.expire_pauses(now)
         for pool in self.pools_by_name.values():
             pool.expire_busy(now)
             pool.expire_idle(now, now - self.tick_interval)
@@ -157,6 +176,35 @@ cdef class WorkerCore:
             self.finish_drain()
             return
         self.tick_handle = self.loop.call_later(self.tick_interval, self.tick)
+
+    cdef int expire_pauses(self, double now) except -1:
+        """Answer 504 an exchange paused longer than pause_timeout: a filter that paused it
+        without a way back is a bug, which costs that request, logged with the filter. While
+        draining, 503 one still paused half-way through shutdown_timeout: it gets an answer
+        before the master stops the worker."""
+        cdef Exchange ex
+        cdef int status
+        for ex in list(self.paused):
+            if ex.filter_state != FS_PAUSED:
+                continue  # answered meanwhile, with another in this loop
+            if self.draining and now >= self.drain_pauses_until:
+                status = 503
+            elif now - ex.paused_at >= self.pause_timeout:
+                status = 504
+                if self.error_logger is not None:
+                    self.error_logger.error(
+                        'request paused in filter %s for %.1f s, past pause_timeout: answered 504; '
+                        'client %s, request "%s %s", request id %s',
+                        type(ex.route.request_head_filters[ex.filter_at]).__name__, now - ex.paused_at,
+                        ex.client.addr.decode(), log_text(ex.method), log_text(ex.url),
+                        log_text(ex.request_id))
+            else:
+                continue
+            try:
+                ex.pause_over(status)
+            except Exception as exc:  # a bug must not stop the sweep
+                ex.internal_error(exc)
+        return 0
 
     cdef int return_memory(self, double now) except -1:
         """Give memory back when a burst of connections has gone. _tune_malloc makes glibc
@@ -188,6 +236,7 @@ cdef class WorkerCore:
         self.draining = True
         self.now = monotonic()
         self.drain_deadline = self.now + timeout
+        self.drain_pauses_until = self.now + timeout / 2
         for client in list(self.clients):
             client.drain()
         # a connection accepted just before the listeners closed has its connection_made

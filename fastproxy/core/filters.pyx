@@ -3,7 +3,8 @@
 # instance per route that uses it, built from its compiled config once per reload and shared
 # by every request on that route, so it keeps no per-request state. A route keeps one tuple
 # of filters per hook, in run order; a route without filters has empty tuples, which the hot
-# path tests by size and never enters.
+# path tests by size and never enters. What a filter must remember about one request lives in
+# the exchange's slot array (Filter.slot).
 
 from fastproxy.filters.base import Phase
 
@@ -11,14 +12,22 @@ cdef enum:
     # what a hook answers
     FILTER_CONTINUE = 0  # go on: the next filter, then the route's handler
     FILTER_RESPOND = 1   # the hook called ex.respond(): answer that, contact no upstream
-    FILTER_PAUSE = 2     # reserved: suspending an exchange until a filter resumes it comes next
+    FILTER_PAUSE = 2     # the hook arranged for ex.resume() to be called later: wait for it
+
+cdef enum:
+    # Exchange.filter_state: where its request_head filters are, for pause and resume
+    FS_NONE = 0      # not in them: resume() is a no-op
+    FS_RUNNING = 1   # a hook is running
+    FS_RESUMED = 2   # that hook called resume() before returning: a PAUSE it returns goes on
+    FS_PAUSED = 3    # a hook returned PAUSE: resume() goes on with the next filter
 
 
 cdef class Filter:
     """Base of a filter's runtime half: every hook continues. A subclass overrides the hooks
     of the phases its config half declares (base.Filter.phases)."""
     # index of its per-request slot in ex.slots when its config is `stateful`, else -1;
-    # given by route_hooks (several routes may share nothing: one object per route)
+    # given by the route's compile (route_hooks, WorkerCore.compile_route: one object per
+    # route), which calls release() for each such filter when an exchange ends
     cdef Py_ssize_t slot
 
     def __init__(self, config):
@@ -26,7 +35,8 @@ cdef class Filter:
 
     cdef int bind(self, WorkerCore core) except -1:
         """Once per reload, after __init__, in the worker: take what it uses of the core
-        (upstream pools, the metrics writer)."""
+        (upstream pools, the metrics writer, its zones in core.zones, the event loop for
+        timers)."""
         return 0
 
     cdef int request_head(self, Exchange ex) except -1:
@@ -61,6 +71,12 @@ cdef class Filter:
     cdef int log(self, Exchange ex) except -1:
         """The exchange is over (ex.status is what the client got; 499 if it left first)."""
         return FILTER_CONTINUE
+
+    cdef int release(self, Exchange ex) except -1:
+        """Only for a filter with a slot: the exchange is over, however it ended (answered,
+        left by its client, or dropped unanswered behind one that was), after its log hooks.
+        Cancel what ex.slots[self.slot] holds (a timer, a pending call)."""
+        return 0
 
 
 @cython.final
@@ -188,18 +204,30 @@ cdef bytes without_lines(bytes lines, tuple lower_names):
     return lines if out is None else out.take()
 
 
-cdef int run_request_head(tuple filters, Exchange ex) except -1:
-    """The request_head hooks in order, until one answers: FILTER_CONTINUE, or FILTER_RESPOND
-    once a hook has called ex.respond()."""
+cdef int run_request_head(tuple filters, Exchange ex, Py_ssize_t start) except -1:
+    """The request_head hooks from filters[start] on, until one answers or pauses:
+    FILTER_CONTINUE; FILTER_RESPOND once a hook has called ex.respond(); FILTER_PAUSE, the
+    exchange paused at that hook (ex.resume() goes on with the next one)."""
     cdef Py_ssize_t i
     cdef int status
-    for i in range(len(filters)):
+    for i in range(start, len(filters)):
+        ex.filter_state = FS_RUNNING
         status = (<Filter>filters[i]).request_head(ex)
-        if status != FILTER_CONTINUE:
-            if status == FILTER_RESPOND and ex.local_status:
-                return FILTER_RESPOND
-            raise RuntimeError("%s.request_head returned %d without calling respond() (PAUSE is not "
-                               "supported yet)" % (type(filters[i]).__name__, status))
+        if status == FILTER_CONTINUE:
+            continue
+        if status == FILTER_RESPOND and ex.local_status:
+            ex.filter_state = FS_NONE
+            return FILTER_RESPOND
+        if status == FILTER_PAUSE and not ex.local_status:
+            if ex.filter_state == FS_RESUMED:
+                continue  # resumed before its hook returned
+            ex.pause(i)
+            return FILTER_PAUSE
+        ex.filter_state = FS_NONE
+        raise RuntimeError("%s.request_head returned %d %s" % (
+            type(filters[i]).__name__, status, "after calling respond()" if ex.local_status
+            else "without calling respond()"))
+    ex.filter_state = FS_NONE
     return FILTER_CONTINUE
 
 
@@ -252,6 +280,13 @@ cdef int run_log(tuple filters, Exchange ex) except -1:
     return 0
 
 
+cdef int run_release(tuple filters, Exchange ex) except -1:
+    cdef Py_ssize_t i
+    for i in range(len(filters)):
+        (<Filter>filters[i]).release(ex)
+    return 0
+
+
 # -- the built-in filters -------------------------------------------------------------------
 
 cdef class HeaderTransform(Filter):
@@ -288,19 +323,43 @@ cdef class ResponseHeaders(HeaderTransform):
 @cython.final
 cdef class Respond(Filter):
     """A `respond` route's handler, which is the route's last request_head filter: it always
-    answers, after the route's other filters have had their say."""
+    answers, after the route's other filters have had their say. With a delay it pauses on
+    a loop timer, whose handle is its per-request state (its slot: the handler is stateful),
+    cancelled if the exchange ends first, and answers from the timer."""
     cdef int status
     cdef tuple headers
     cdef bytes body
+    cdef double delay
+    cdef object call_later
 
     def __init__(self, handler):  # a config.runtime.Respond
         self.status = handler.status
         self.headers = handler.headers
         self.body = handler.body
+        self.delay = handler.delay
+
+    cdef int bind(self, WorkerCore core) except -1:
+        self.call_later = core.loop.call_later
+        return 0
 
     cdef int request_head(self, Exchange ex) except -1:
+        if self.delay:
+            ex.slots[self.slot] = self.call_later(self.delay, self.delayed, ex)
+            return FILTER_PAUSE
         ex.respond(self.status, self.headers, self.body)
         return FILTER_RESPOND
+
+    def delayed(self, Exchange ex):
+        """The delay is over: answer. Both calls are no-ops on an exchange no longer paused
+        (answered 504 past pause_timeout, or refused meanwhile)."""
+        ex.respond(self.status, self.headers, self.body)
+        ex.resume()
+
+    cdef int release(self, Exchange ex) except -1:
+        timer = ex.slots[self.slot]
+        if timer is not None:
+            timer.cancel()  # nothing once it has run
+        return 0
 
 
 # The runtime class of each compiled config, by its `runtime` key (base.Filter.runtime).
@@ -317,11 +376,11 @@ HOOK_PHASES = (Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.UPSTREAM, Phase.
 
 def route_hooks(phases, WorkerCore core):
     """The runtime filters of a route's compiled phases, one tuple per HOOK_PHASES entry in
-    run order, then how many per-request slots its stateful filters need (each is given its
+    run order, then those that keep per-request state, in slot order (each is given its
     index in ex.slots). A filter with several hooks is one object in each tuple, bound to
     the core (Filter.bind) once."""
     cdef Filter made
-    cdef Py_ssize_t slots = 0
+    stateful = []
     by_config = {}
     for phase in phases:
         for config in phase:
@@ -330,8 +389,8 @@ def route_hooks(phases, WorkerCore core):
                 made.bind(core)
                 made.slot = -1
                 if config.stateful:
-                    made.slot = slots
-                    slots += 1
+                    made.slot = len(stateful)
+                    stateful.append(made)
                 by_config[id(config)] = made
     return tuple(tuple(by_config[id(config)] for config in phases[phase])
-                 for phase in HOOK_PHASES) + (slots,)
+                 for phase in HOOK_PHASES) + (tuple(stateful),)

@@ -99,6 +99,10 @@ cdef class Exchange(UpstreamConsumer):
     cdef Py_ssize_t up_out_size
     cdef bytes upstream_head    # kept for a retry on a fresh connection
     cdef bytes allow            # Allow value for a 405
+    cdef int filter_state       # FS_*: pause and resume in the request_head filters
+    cdef list paused_body       # body pieces read while paused, for the request_body hooks
+    cdef Py_ssize_t filter_at   # the index of the filter it is paused in
+    cdef double paused_at
     cdef int host_count
     cdef int local_status       # >0: answered locally (respond route or an error)
     cdef int status
@@ -240,15 +244,32 @@ cdef class Exchange(UpstreamConsumer):
         if self.route.slot_count:
             self.slots = [None] * self.route.slot_count
         if self.route.request_head_filters and \
-                run_request_head(self.route.request_head_filters, self) == FILTER_RESPOND:
-            return
+                run_request_head(self.route.request_head_filters, self, 0) != FILTER_CONTINUE:
+            return  # answered, or paused until resume()
+        self.filters_passed()
+
+    cdef void filters_passed(self) except *:
+        """The request_head filters have let the request through to its upstream."""
         if self.conn_upgrade and not self.upgrade_websocket and self.content_length != 0:
             # llhttp has skipped the body of an upgrade request: refuse it
             self.fail(400, "upgrade request with a body")
             return
-        self.upstream_head = self.build_upstream_head(core)
+        self.upstream_head = self.build_upstream_head(self.client.core)
         if self.route.upstream_filters:
             run_upstream(self.route.upstream_filters, self)
+        if self.route.request_body_filters and (self.paused_body is not None or self.request_done):
+            self.body_after_pause()
+
+    cdef void body_after_pause(self) except *:
+        """The request_body hooks get what was read while the request was paused, in order,
+        now that the request_head and upstream hooks have run."""
+        cdef list pieces = self.paused_body
+        self.paused_body = None
+        if pieces is not None:
+            for piece in pieces:
+                run_request_body(self.route.request_body_filters, self, <bytes>piece, False)
+        if self.request_done:
+            run_request_body(self.route.request_body_filters, self, b"", True)
 
     cdef bint set_path(self, bint keep_encoded_slashes) except *:
         """Sets `path` to the normal form of the target's path (path.pyx): the router and the
@@ -354,10 +375,15 @@ cdef class Exchange(UpstreamConsumer):
                 and self.body_received > self.route.max_body_size:
             self.fail(413)
             raise _StopRequest()
-        if self.local_status or self.route is None:
+        if self.local_status or self.route is None or self.route.pool is None:
             return  # answered locally: the body is read and dropped
         if self.route.request_body_filters:
-            run_request_body(self.route.request_body_filters, self, data, False)
+            if self.filter_state != FS_PAUSED:
+                run_request_body(self.route.request_body_filters, self, data, False)
+            elif self.paused_body is None:  # its hooks get it after the filters (filters_passed)
+                self.paused_body = [data]
+            else:
+                self.paused_body.append(data)
         if self.chunked_in:
             self.to_upstream(chunk_header(n))
             self.to_upstream(data)
@@ -367,9 +393,11 @@ cdef class Exchange(UpstreamConsumer):
 
     cdef void message_complete(self) except *:
         self.request_done = True
-        if not self.local_status and self.route is not None and self.route.request_body_filters:
+        if not self.local_status and self.route is not None and self.route.request_body_filters \
+                and self.filter_state != FS_PAUSED:  # else filters_passed makes this call
             run_request_body(self.route.request_body_filters, self, b"", True)
-        if self.chunked_in and not self.local_status and self.route is not None:
+        if self.chunked_in and not self.local_status and self.route is not None \
+                and self.route.pool is not None:
             self.to_upstream(LAST_CHUNK)
         if self.upstream is not None and self.upstream.state == UP_BUSY:
             self.upstream.await_response()
@@ -412,12 +440,15 @@ cdef class Exchange(UpstreamConsumer):
 
     cdef bytes request_header(self, bytes lower_name):
         """The value of the client's request header `lower_name` (lower-case), the values of
-        repeated lines joined with ", "; None when absent. Only end-to-end headers are kept
-        (not Host, the framing, hop-by-hop or X-Forwarded-* ones)."""
+        repeated lines joined with ", "; None when absent. Host included (the authority of
+        an absolute-form target when there was one); otherwise only end-to-end headers are
+        kept (not the framing, hop-by-hop or X-Forwarded-* ones)."""
         cdef list headers = self.fwd_headers
         cdef tuple names = (lower_name,)
         cdef bytes found = None, value
         cdef Py_ssize_t i
+        if lower_name == b"host":
+            return self.host
         for i in range(0, len(headers), 2):
             if name_listed(<bytes>headers[i], names):
                 value = <bytes>headers[i + 1]
@@ -425,21 +456,130 @@ cdef class Exchange(UpstreamConsumer):
         return found
 
     cdef int respond(self, int status, tuple headers, bytes body) except -1:
-        """From a request_head hook, which then returns FILTER_RESPOND: answer with this
-        status, (name, value) header pairs (checked when compiled) and body, without
-        contacting an upstream. fastproxy adds Server, Date, X-Request-ID, Content-Length
-        and Connection; the route's response_head filters then edit the head. An error
-        found later in the request (413 as its body is read, 408) answers instead."""
+        """From a request_head hook, which then returns FILTER_RESPOND, or while paused, from
+        the callback that then calls resume(): answer with this status, (name, value) header
+        pairs (checked when compiled) and body, without contacting an upstream. fastproxy adds
+        Server, Date, X-Request-ID, Content-Length and Connection; the route's response_head
+        filters then edit the head. An error found later in the request (413 as its body is
+        read, 408) answers instead. A no-op on an exchange past its request_head filters
+        (a callback too late: answered, past pause_timeout)."""
+        if self.filter_state == FS_NONE:
+            return 0
         self.local_status = status
         self.local_headers = headers
         self.local_body = body
         return 0
+
+    cdef int set_upstream_target(self, bytes target) except -1:
+        """From a request_head hook: the request target sent upstream, path and query (the
+        route matched stays). Not checked per request: built from a checked config, or
+        checked by the filter (a path starting with "/", no space, CR, LF or NUL)."""
+        if self.received_url is None:
+            self.received_url = self.url  # the access log keeps what the client sent
+        self.url = target
+        return 0
+
+    def resume(self):
+        """A filter's way back from FILTER_PAUSE: go on with the next request_head filter
+        (unless respond() was called meanwhile: answer that), then forward the request or
+        answer it. Called from a loop callback (a timer, a future's callback), or by the hook
+        itself before it returns PAUSE; a no-op on an exchange no longer paused (answered,
+        past pause_timeout, left by its client)."""
+        if self.filter_state == FS_RUNNING:
+            self.filter_state = FS_RESUMED  # its hook has not returned: run_request_head goes on
+            return
+        if self.filter_state != FS_PAUSED:
+            return
+        self.client.core.now = monotonic()
+        try:
+            self.end_pause()
+            # answered while paused (respond() from the callback): the other filters do not run
+            if not self.local_status and run_request_head(
+                    self.route.request_head_filters, self, self.filter_at + 1) == FILTER_CONTINUE:
+                self.filters_passed()
+            if self.filter_state != FS_PAUSED:
+                self.proceed()
+        except Exception as exc:
+            self.internal_error(exc)
+
+    # -- pause (FILTER_PAUSE) -----------------------------------------------------
+
+    cdef void pause(self, Py_ssize_t at) except *:
+        """The filter at `at` returned FILTER_PAUSE: nothing is sent upstream until resume()
+        (the body is buffered, up to MAX_BUFFERED_BODY), for at most pause_timeout."""
+        cdef WorkerCore core = self.client.core
+        self.filter_state = FS_PAUSED
+        self.filter_at = at
+        self.paused_at = core.now
+        core.paused.add(self)
+
+    cdef void end_pause(self) except *:
+        """Out of the request_head filters, paused or not (a hook that raised): resume() is
+        now a no-op."""
+        if self.filter_state == FS_PAUSED:
+            self.client.core.paused.discard(self)
+        self.filter_state = FS_NONE
+
+    cdef void pause_over(self, int status) except *:
+        """Answer a paused exchange with fastproxy's error `status` (504 past pause_timeout,
+        503 half-way through a drain); its filter's later resume() is a no-op."""
+        self.end_pause()
+        self.local_status = status
+        self.local_body = None
+        if not self.request_done:
+            self.close_after = True  # answered before its body: the connection cannot be reused
+        self.proceed()
+
+    cdef void proceed(self) except *:
+        """Out of a pause: what on_headers_complete does after head_complete."""
+        cdef ClientConnection client = self.client
+        if self.response_started:  # refused by filters_passed
+            return
+        if self.local_status:
+            # answered locally: drop what was buffered for an upstream, read the rest to drop it
+            self.up_out = None
+            self.up_out_size = 0
+            self.paused_body = None
+            if self is client.parsing:
+                client.resume_reading(PAUSE_BUFFERED)
+        if self is client.current:
+            self.dispatch()
+            client.flush()
+        # else queued: dispatched in its turn
+
+    cdef int internal_error(self, object exc) except -1:
+        """A bug while serving it (its upstream connection, a resume, the sweep): a 500 for
+        this exchange, which may be one queued behind the current (resumed, or past
+        pause_timeout, while it waits for its turn)."""
+        cdef ClientConnection client = self.client
+        self.end_pause()
+        if self is client.current or client.closing:
+            client.internal_error(exc)
+            return 0
+        client.core.report_error(exc)
+        self.local_status = 500
+        self.local_body = None
+        self.close_after = True
+        self.up_out = None
+        self.up_out_size = 0
+        self.paused_body = None
+        return 0
+
+    cdef void finished(self) except *:
+        """The exchange is over, however it ended: no pause goes on, and the route's stateful
+        filters release what their slots hold."""
+        self.end_pause()
+        if self.slots is not None:
+            run_release(self.route.slot_filters, self)
+            self.slots = None
 
     # -- dispatch ---------------------------------------------------------------
 
     cdef void dispatch(self) except *:
         """Called when this exchange becomes the one the connection answers."""
         cdef ClientConnection client = self.client
+        if self.filter_state == FS_PAUSED:
+            return  # resume() dispatches it
         if self.local_status:
             if self.request_done or self.expect_continue or self.close_after:
                 if not self.request_done:
@@ -483,10 +623,6 @@ cdef class Exchange(UpstreamConsumer):
 
     cdef int read_done(self) except -1:
         self.client.flush()
-        return 0
-
-    cdef int internal_error(self, object exc) except -1:
-        self.client.internal_error(exc)
         return 0
 
     cdef str log_context(self):
@@ -597,6 +733,7 @@ cdef class Exchange(UpstreamConsumer):
     cdef void fail(self, int status, str reason=None) except *:
         """A client error found while reading the request: answer and close. `reason`
         goes to the error log (a default by status when None)."""
+        self.end_pause()  # a paused request refused (413, 408) is over
         self.local_status = status
         self.local_body = None  # it replaces an answer from respond()
         self.close_after = True
@@ -848,6 +985,9 @@ cdef class ClientConnection:
             if ex.head_done:  # a request never fully read is not logged (as nginx)
                 ex.status = 499  # nginx's code for "client closed the connection first"
                 self.record(ex)
+        if self.queue:
+            for ex in self.queue:  # never answered, nor logged: their filters let go
+                ex.finished()
         self.current = None
         self.parsing = None
         self.queue = None
@@ -1047,6 +1187,8 @@ cdef class ClientConnection:
             core.access_log.write(ex, self.addr, ex.status, total)
         if ex.route is not None and ex.route.log_filters:
             run_log(ex.route.log_filters, ex)
+        if ex.slots is not None or ex.filter_state:
+            ex.finished()
 
     cdef void exchange_done(self, Exchange ex) except *:
         """The response to `ex` is complete: log it, then go on to the next request."""

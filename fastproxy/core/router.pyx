@@ -19,7 +19,10 @@ cdef class CompiledRoute:
     # its filters per hook, in run order (core/filters.pyx); empty tuples for most routes
     cdef tuple request_head_filters, request_body_filters, upstream_filters
     cdef tuple response_head_filters, response_body_filters, log_filters
-    cdef Py_ssize_t slot_count  # per-request slots its stateful filters use (ex.slots)
+    # those of its filters that keep per-request state, in slot order (Filter.slot): an
+    # exchange on this route carries a list of slot_count slots (ex.slots); 0 for most routes
+    cdef tuple slot_filters
+    cdef Py_ssize_t slot_count
 
     cdef bint host_matches(self, bytes host) except -1:
         cdef bytes suffix

@@ -10,7 +10,8 @@ bare fast path.
 Request-side phases run filters in priority order (highest first); response-side phases
 run them in reverse, so the first filter to see the request is the last to see the
 response (as in Kong and Envoy). A hook answers CONTINUE, RESPOND (a local response) or
-PAUSE (resumed later; not supported yet). Filters never call each other.
+PAUSE (from request_head: wait until the filter calls ex.resume()). Filters never call each
+other.
 """
 from __future__ import annotations
 
