@@ -181,6 +181,24 @@ def test_pipelined_requests_are_answered_in_order_around_a_paused_one(make_proxy
     assert bodies == [b"slow\n" if t == "/slow" else b"fast\n" for t in targets]
 
 
+def test_request_refused_while_paused_behind_another_gets_its_refusal(make_proxy):
+    """A pipelined request paused behind a slower one, whose chunked body outgrows the
+    route's max_body_size: it is answered 413 in its turn, not with the delayed answer its
+    timer brings meanwhile."""
+    cfg = config()
+    cfg["routes"] += [{"name": "slower", "path": "/slower", "respond": SLOW | {"delay": "1s"}},
+                      {"name": "small", "path": "/small", "max_body_size": "1k", "respond": SLOW}]
+    p = make_proxy(cfg)
+    with RawClient(p.port) as c:
+        c.send(build_request("GET", "/slower")
+               + build_request("POST", "/small", [("Transfer-Encoding", "chunked")])
+               + chunked(b"x" * 2048))
+        first, second = c.read_response(), c.read_response()
+        assert (first.status, first.body) == (201, b"slow\n"), first
+        assert second.status == 413, second
+        assert c.is_closed()
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_body_sent_to_a_delayed_route_is_dropped_and_the_connection_reused(make_proxy, framing):
     """More than the body buffered for an upstream (256 KiB), sent while paused: a respond
