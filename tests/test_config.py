@@ -355,8 +355,8 @@ def test_routes(problems):
         "routes[0].upstream: unknown upstream 'ap' (did you mean 'app'?)",
         "routes[1].upstream: unknown upstream 'other' (defined: app)",
         "routes[2]: set at most one of 'path' and 'path_prefix'",
-        "routes[2]: set exactly one of 'upstream' and 'respond' (several are set: upstream, respond)",
-        "routes[3]: set exactly one of 'upstream' and 'respond'",
+        "routes[2]: set exactly one of 'upstream', 'respond' and 'static' (several are set: upstream, respond)",
+        "routes[3]: set exactly one of 'upstream', 'respond' and 'static'",
         "routes[5].respond.body: a 304 response cannot have a body",
     ]
     assert problems(MINIMAL + '[[routes]]\npath = "/a"\nupstream = "app"') == [

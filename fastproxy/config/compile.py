@@ -120,7 +120,7 @@ def build_runtime(tree: dict, source: str) -> Runtime:
         path=_ascii(route["path"]),
         path_prefix=_ascii(route["path_prefix"]),
         methods=tuple(dict.fromkeys(method.encode("ascii") for method in route["methods"] or ())),
-        handler=handlers.route_handler(route),
+        handler=handlers.route_handler(route, tree),
         max_body_size=main["max_body_size"] if route["max_body_size"] is None else route["max_body_size"],
         max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
         phases=compile_phases(registry.route_filters(route, main)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from . import static
 from .runtime import Proxy, Respond
 from .schema import RESPOND, Key, Report, String, Table, did_you_mean
 
@@ -21,7 +22,9 @@ class HandlerType:
     key: Key  # its key in [[routes]]
     # (value, key path, the whole checked tree, report): rules against the rest of the config
     check: Callable[[object, str, dict, Report], None]
-    build: Callable[[object], object]  # checked value -> compiled handler (config/runtime.py)
+    # (checked value, the route's checked keys, the whole checked tree) -> compiled handler
+    # (config/runtime.py)
+    build: Callable[[object, dict, dict], object]
     sends_upstream: bool  # filters that only edit what goes upstream make sense with it
 
 
@@ -38,7 +41,7 @@ def _check_respond(respond: dict, where: str, tree: dict, report: Report) -> Non
         report(f"{where}.body", f"a {respond['status']} response cannot have a body")
 
 
-def _build_respond(respond: dict) -> Respond:
+def _build_respond(respond: dict, route: dict, tree: dict) -> Respond:
     return Respond(status=respond["status"], body=respond["body"].encode(),
                    headers=tuple((name.encode("ascii"), value.encode()) for name, value in respond["headers"]),
                    delay=respond["delay"])
@@ -46,12 +49,15 @@ def _build_respond(respond: dict) -> Respond:
 
 HANDLERS: Tuple[HandlerType, ...] = (
     HandlerType(Key("upstream", String(), None, "Name of the `[upstreams.NAME]` to proxy to (a route sets exactly "
-                    "one handler: `upstream` or `respond`)."),
-                check_upstream, Proxy, sends_upstream=True),
+                    "one handler: `upstream`, `respond` or `static`)."),
+                check_upstream, lambda name, route, tree: Proxy(name), sends_upstream=True),
     HandlerType(Key("respond", Table(RESPOND), None, "Answer locally instead; see below."),
                 _check_respond, _build_respond, sends_upstream=False),
+    HandlerType(Key("static", Table(static.SECTION), None, "Serve files from a directory; see below and "
+                    "docs/static.md."),
+                static.check, static.build, sends_upstream=False),
 )
-_NAMES = " and ".join(f"'{h.key.name}'" for h in HANDLERS)
+_NAMES = ", ".join(f"'{h.key.name}'" for h in HANDLERS[:-1]) + f" and '{HANDLERS[-1].key.name}'"
 
 
 def route_keys() -> Tuple[Key, ...]:
@@ -80,7 +86,7 @@ def check_route(route: dict, where: str, tree: dict, filters: tuple, report: Rep
                                                        f"`{handler.key.name}` (nothing is sent upstream)")
 
 
-def route_handler(route: dict) -> Optional[object]:
+def route_handler(route: dict, tree: dict) -> Optional[object]:
     """The compiled handler of a route that check_route passed."""
     handler = _set(route)[0]
-    return handler.build(route[handler.key.name])
+    return handler.build(route[handler.key.name], route, tree)

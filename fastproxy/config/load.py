@@ -1,6 +1,8 @@
 """Reading a config file: TOML text -> checked values -> Runtime, or every problem at once."""
 from __future__ import annotations
 
+import os
+
 import re
 
 try:
@@ -11,7 +13,7 @@ except ModuleNotFoundError:  # Python < 3.11
 from ..errors import ConfigError, Problem
 from .compile import build_runtime, check_references
 from .runtime import Runtime
-from .schema import check_tree
+from .schema import SOURCE, check_tree
 
 # tomllib puts the position only in its message: "Invalid value (at line 3, column 9)".
 _POSITION = re.compile(r"(.*) \(at line (\d+), column (\d+)\)", re.DOTALL)
@@ -47,6 +49,7 @@ def load_runtime(path: str) -> Runtime:
         problems.append(Problem(path, key_path, reason))
 
     tree = check_tree(read_toml(path), report)
+    tree[SOURCE] = os.path.abspath(path)  # what relative paths in checks are against
     check_references(tree, report)
     if problems:
         raise ConfigError(problems)

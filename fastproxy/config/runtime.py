@@ -91,13 +91,29 @@ class Respond:
 
 
 @dataclass(frozen=True)
+class Static:
+    """Route handler: files under a directory (config/static.py, core/static.pyx)."""
+    runtime: ClassVar[str] = "static"
+    root: bytes  # absolute, symbolic links resolved, no trailing "/"
+    strip_prefix: bytes  # the route's path_prefix without its trailing "/", taken off; b"": none
+    index: Tuple[bytes, ...]
+    try_files: Tuple[bytes, ...]
+    precompressed: Tuple[str, ...]  # sibling suffixes ("zst", "br", "gz") in preference order
+    cache_control: bytes  # b"": no Cache-Control
+    hidden: bool
+    follow_symlinks: str  # "inside_root" | "always" | "never"
+    mime_types: Tuple[Tuple[bytes, bytes], ...]  # (lower-case extension, Content-Type value)
+    default_type: bytes
+
+
+@dataclass(frozen=True)
 class Route:
     name: str  # label in metrics and logs
     hosts: Tuple[bytes, ...]  # lower-case, no port; "*.example.com" matches subdomains; () = any
     path: Optional[bytes]  # exact match
     path_prefix: Optional[bytes]
     methods: Tuple[bytes, ...]  # upper-case; () = any
-    handler: Union[Proxy, Respond]
+    handler: Union[Proxy, Respond, Static]
     max_body_size: int
     max_header_size: int
     # One tuple per filters.base.Phase of the route's compiled filters (fastproxy/filters/), in

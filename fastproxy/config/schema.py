@@ -461,7 +461,10 @@ class Key:
         return f"`{toml_literal(self.default)}`"
 
 
-TABLE, ARRAY, NAMED = "table", "array of tables", "table of named tables"
+TABLE, ARRAY, NAMED, MAP = "table", "array of tables", "table of named tables", "table of values"
+# the key of the checked tree holding the config file's absolute path (relative paths in
+# checks are against its directory); no section has that name
+SOURCE = "__source__"
 DEFAULTS, OFF, NEEDED = "defaults", "off", "needed"  # what an absent section means
 
 
@@ -469,7 +472,7 @@ DEFAULTS, OFF, NEEDED = "defaults", "off", "needed"  # what an absent section me
 class Section:
     name: str  # its key at the root of the file
     title: str  # how docs and hints call it
-    shape: str  # TABLE, ARRAY or NAMED
+    shape: str  # TABLE, ARRAY, NAMED, or MAP (any names, each value of the kind of its one key)
     absent: str  # DEFAULTS: all keys take their defaults; OFF: feature off; NEEDED: an error
     keys: Tuple[Key, ...]
     doc: str
@@ -580,12 +583,12 @@ def sections() -> Tuple[Section, ...]:
     """The sections of the file: [[routes]] with a key per handler and filter type, [main]
     with the defaults of the filters that have one. Their registries are imported here
     rather than at the top because they build their keys from the kinds above."""
-    from fastproxy.config import handlers
+    from fastproxy.config import handlers, static
     from fastproxy.filters import registry
     main = dataclasses.replace(MAIN, keys=MAIN.keys + registry.main_keys())
     routes = dataclasses.replace(_ROUTES, keys=_ROUTE_MATCH_KEYS + handlers.route_keys() + _ROUTE_LIMIT_KEYS
                                  + registry.route_keys())
-    return (main, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes)
+    return (main, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes, static.MIME_SECTION)
 
 
 def all_sections() -> Tuple[Section, ...]:
@@ -667,6 +670,20 @@ def check_tree(raw: dict, report: Report) -> dict:
                 else:
                     elements.append(None)
                     report(where, f"expected a table, got {describe(element)}")
+        elif section.shape == MAP:
+            if not isinstance(value, (dict, type(None))):
+                report(section.name, f"expected a table {section.title}, got {describe(value)}")
+                continue
+            tree[section.name] = values = {}
+            for name, element in (value or {}).items():
+                where = join(section.name, name)
+                if not _NAME.fullmatch(name):
+                    report(where, "name may contain only letters, digits, '_', '-' and '.'")
+                try:
+                    values[name] = section.keys[0].kind(element)
+                except Invalid as error:
+                    for suffix, reason in error.problems:
+                        report(where + suffix, reason)
         else:
             if not isinstance(value, (dict, type(None))):
                 report(section.name, f"expected a table of {section.title} tables, got {describe(value)}")

@@ -61,6 +61,10 @@ cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
 cdef Py_ssize_t PIPELINE_DEPTH = 32
 cdef Py_ssize_t PIPELINE_HELD = 16 * 1024
 cdef Py_ssize_t COALESCE_LIMIT = 4096  # client writes up to this size are joined (see flush)
+# A file response (Exchange.send_file): each read or sendfile is at most FILE_PIECE bytes,
+# and one loop callback sends at most FILE_BURST before it lets the other connections run.
+cdef Py_ssize_t FILE_PIECE = 256 * 1024
+cdef Py_ssize_t FILE_BURST = 4 * 1024 * 1024
 
 cdef bytes CRLF = b"\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
@@ -94,6 +98,7 @@ cdef class Exchange(UpstreamConsumer):
     cdef bytes added_headers    # header lines request_head filters added
     cdef tuple local_headers    # a local answer's (name, value) pairs, from respond()
     cdef bytes local_body       # its body; None for fastproxy's own error answers
+    cdef FileBody local_file    # its body when it comes from a file (respond_file), else None
     cdef list slots             # per-request state of the route's stateful filters, else None
     cdef list up_out            # upstream-bound bytes not yet written
     cdef Py_ssize_t up_out_size
@@ -468,6 +473,16 @@ cdef class Exchange(UpstreamConsumer):
         self.local_status = status
         self.local_headers = headers
         self.local_body = body
+        self.local_file = None
+        return 0
+
+    cdef int respond_file(self, int status, tuple headers, FileBody body) except -1:
+        """From a request_head hook, as respond(), with a body read from a file as the client
+        takes it (never whole): `body` says which bytes of the file (and the multipart
+        boundaries between ranges). Content-Length is its length, unless a response_head hook
+        drops it (the body then goes chunked, or close-delimited to HTTP/1.0)."""
+        self.respond(status, headers, b"")
+        self.local_file = body
         return 0
 
     cdef int set_upstream_target(self, bytes target) except -1:
@@ -673,7 +688,10 @@ cdef class Exchange(UpstreamConsumer):
         out.clear()
         self.status = self.local_status
         self.frame = FRAME_LENGTH
-        if self.local_body is not None:
+        if self.local_file is not None:
+            body = b""
+            self.file_head(core, out)
+        elif self.local_body is not None:
             body = self.local_head(core, out)
         else:
             body = error_body(self.status, self.request_id if self.request_id is not None else b"")
@@ -697,21 +715,57 @@ cdef class Exchange(UpstreamConsumer):
             out.add(body)
         self.response_started = True  # only now: a filter's failure above can still get a 500
         client.write(out.take())
+        if self.frame != FRAME_NONE and self.local_file is not None:
+            self.start_file()
+            return
+        self.local_file = None
         self.response_complete()
 
     cdef bytes local_head(self, WorkerCore core, ByteWriter out):
         """The head of an answer from respond(), up to its Content-Length; returns the body
         to send. The body hooks get the whole body in one call (end of stream), so its
-        length is known whatever the framing decision: it is sent with a Content-Length."""
+        length is known whatever the framing decision: it is sent with a Content-Length
+        (none for a 304, whose length would be the selected representation's)."""
+        cdef bytes body = self.local_body
+        self.local_headers_out(core, out, len(body))
+        if self.route.response_body_filters and not self.is_head:
+            body = run_response_body(self.route.response_body_filters, self, body, True)
+        if self.status != 304:
+            out.add(b"Content-Length: ")
+            out.add_decimal(len(body))
+            out.add(CRLF)
+        return body
+
+    cdef void file_head(self, WorkerCore core, ByteWriter out) except *:
+        """The head of an answer from respond_file(), up to its framing: the body is the
+        file's, streamed after the head, through the body hooks if the route has any."""
+        cdef bint length_dropped = self.local_headers_out(core, out, self.local_file.total)
+        if self.is_head:
+            self.frame = FRAME_NONE
+        elif not length_dropped:
+            self.frame = FRAME_LENGTH
+        elif self.http11:
+            self.frame = FRAME_CHUNKED
+            out.add(CHUNKED_LINE)
+        else:
+            self.frame = FRAME_CLOSE
+        if not length_dropped:
+            out.add(b"Content-Length: ")
+            out.add_decimal(self.local_file.total)
+            out.add(CRLF)
+        self.body_hooks = self.frame != FRAME_NONE and len(self.route.response_body_filters) > 0
+
+    cdef bint local_headers_out(self, WorkerCore core, ByteWriter out, Py_ssize_t length) except -1:
+        """A local answer's status line and headers, as the response_head hooks edit them
+        (`length`: its body's, as they see it); whether a hook dropped the length."""
         cdef ResponseHead edits = None
         cdef tuple removed = None
         cdef bytes name
-        cdef bytes body = self.local_body
         out.add(status_line(self.status))
         out.add(core.server_line)
         if self.route.response_head_filters:
             edits = core.head_edits
-            edits.start(self.status, None, 0, 0, self.local_headers, len(body))
+            edits.start(self.status, None, 0, 0, self.local_headers, length)
             run_response_head(self.route.response_head_filters, self, edits)
             edits.finish()
             removed = edits.removed
@@ -723,12 +777,88 @@ cdef class Exchange(UpstreamConsumer):
                 out.add(CRLF)
         if edits is not None and edits.added is not None:
             out.add(edits.added)
-        if self.route.response_body_filters and not self.is_head:
-            body = run_response_body(self.route.response_body_filters, self, body, True)
-        out.add(b"Content-Length: ")
-        out.add_decimal(len(body))
-        out.add(CRLF)
-        return body
+        return edits is not None and edits.length_dropped
+
+    cdef void start_file(self) except *:
+        """The head of a file response is written: send its body. Without body hooks the
+        file goes to the socket by sendfile, which needs the transport's buffer empty (else
+        bytes would pass each other): for the length of the body the transport pauses us as
+        soon as it buffers anything and resumes us once it is empty."""
+        if not self.body_hooks:
+            self.client.transport.set_write_buffer_limits(0, 0)
+        self.send_file()
+
+    cdef void send_file(self) except *:
+        """Send more of the file response: as much as the client takes now, at most
+        FILE_BURST per call; ClientConnection.resume_writing (or the loop, after a burst)
+        calls again. Reading stops while the client's buffer is full, so memory stays at
+        one piece whatever the file's size."""
+        cdef ClientConnection client = self.client
+        cdef FileBody body = self.local_file
+        cdef Py_ssize_t budget = FILE_BURST, sent
+        cdef bytes piece
+        while body is not None and not client.write_paused and not client.closing:
+            if body.left == 0:
+                piece = body.next_part()
+                if piece is None:
+                    self.finish_file()
+                    return
+                if PyBytes_GET_SIZE(piece):
+                    self.file_piece(piece)
+                continue
+            if budget <= 0:
+                client.core.loop.call_soon(client.continue_file)
+                return
+            if not self.body_hooks and not body.no_sendfile:
+                client.flush()
+                if client.transport.get_write_buffer_size() == 0:
+                    sent = body.send(client.socket_fd(), FILE_PIECE)
+                    if sent > 0:
+                        self.bytes_out += sent
+                        budget -= sent
+                        continue
+                    if sent == -1:
+                        self.file_shrunk()
+                        return
+                    if sent == -2:
+                        self.client.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+                        continue
+                # the socket is full: this piece waits in the transport, which resumes us
+                # once it has written it
+                piece = body.read(BODY_READ_MIN)
+            else:
+                piece = body.read(FILE_PIECE)
+            if piece is None:
+                self.file_shrunk()
+                return
+            budget -= PyBytes_GET_SIZE(piece)
+            self.file_piece(piece)
+
+    cdef void file_piece(self, bytes piece) except *:
+        if self.body_hooks:
+            piece = run_response_body(self.route.response_body_filters, self, piece, False)
+            if PyBytes_GET_SIZE(piece) == 0:
+                return
+        self.write_body(piece)
+        self.client.flush()
+
+    cdef void finish_file(self) except *:
+        cdef bytes tail = self.local_file.tail
+        if not self.body_hooks:
+            self.client.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+        self.local_file = None  # its descriptor may close now
+        if PyBytes_GET_SIZE(tail):
+            self.file_piece(tail)
+        self.response_complete()
+        self.client.flush()
+
+    cdef void file_shrunk(self) except *:
+        """The file ended before the length its head promised: the client can only learn
+        that from the connection closing before it."""
+        self.local_file.file.stale = True  # the next request looks at it again
+        self.local_file = None
+        self.client.core.report_error(RuntimeError("file shrank while it was sent; connection closed"))
+        self.client.abort()
 
     cdef void fail(self, int status, str reason=None) except *:
         """A client error found while reading the request: answer and close. `reason`
@@ -979,6 +1109,7 @@ cdef class ClientConnection:
             return
         if ex is not None and not ex.response_done:
             ex.aborted = True
+            ex.local_file = None  # a file response cut short: its descriptor may close
             if ex.upstream is not None:
                 ex.upstream.close()
                 ex.upstream = None
@@ -1010,6 +1141,9 @@ cdef class ClientConnection:
             source.resume()
         if self.timer == TIMER_SEND:
             self.set_timer(TIMER_NONE, 0)
+        if self.current is not None and self.current.local_file is not None \
+                and self.current.response_started:
+            self.continue_file()
 
     # -- httptools callbacks ----------------------------------------------------
 
@@ -1113,16 +1247,29 @@ cdef class ClientConnection:
         """How much more can be written before the client is paused: what its socket takes
         now plus what its write buffer may hold below the high-water mark."""
         cdef Py_ssize_t queued, room
-        if self.fd == 0:
-            self.fd = self.transport.get_extra_info("socket").fileno()
-            self.send_capacity = socket_send_capacity(self.fd)
-        queued = socket_queued(self.fd)
+        queued = socket_queued(self.socket_fd())
         if self.send_capacity - queued < BODY_READ_MAX:
             # the kernel may have grown the buffer since we looked: look again (a second
             # system call, only when the room seems short)
             self.send_capacity = socket_send_capacity(self.fd)
         room = self.send_capacity - queued if self.send_capacity > queued else 0
         return room + CLIENT_HIGH_WATER - self.transport.get_write_buffer_size()
+
+    cdef int socket_fd(self) except -1:
+        if self.fd == 0:
+            self.fd = self.transport.get_extra_info("socket").fileno()
+            self.send_capacity = socket_send_capacity(self.fd)
+        return self.fd
+
+    def continue_file(self):
+        """From the loop, after a burst of a file response (Exchange.send_file)."""
+        self.core.now = monotonic()
+        cdef Exchange ex = self.current
+        if ex is not None and ex.local_file is not None:
+            try:
+                ex.send_file()
+            except Exception as exc:
+                self.internal_error(exc)
 
     cdef void write(self, bytes data) except *:
         if self.current is not None:
