@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from harness.client import RawClient, build_request, fetch
-from harness.proxy import RssSampler
+from harness.proxy import RssSampler, summed_metric
 
 BODY = bytes(range(256)) * 400  # 100 KiB, every byte value
 TEXT = ("hello static world\n" * 200).encode()
@@ -362,3 +362,17 @@ def test_config_error_in_mime_types(make_proxy, tmp_path):
     p.write_config()
     out = p.run_cli("-t", "-c", str(p.config_path))
     assert out.returncode != 0 and "mime_types.x:" in out.stderr + out.stdout, out.stderr
+
+
+def test_static_responses_counted_by_status(make_proxy, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"a\n")
+    p = make_proxy({"main": {"workers": 1}, "routes": [{"path_prefix": "/", "static": {"root": str(tmp_path)}}]})
+
+    def counts():
+        text = p.metrics()
+        return [summed_metric(text, "fastproxy_static_responses_total", code=code) for code in ("2xx", "4xx")]
+    before = counts()  # the harness's readiness probe was a 404
+    for target in ("/a.txt", "/a.txt", "/missing"):
+        fetch(p.port, "GET", target, [])
+    fetch(p.port, "GET", "/a.txt", [("Range", "bytes=9-")])  # 416
+    assert [after - was for after, was in zip(counts(), before)] == [2, 2]

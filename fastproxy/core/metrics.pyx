@@ -74,7 +74,8 @@ ctypedef struct GlobalCounters:
     uint64_t connections_accepted
     uint64_t active_connections  # a gauge: zeroed by the master when it reaps the owner
     CodingCounters codings[CODINGS]  # by CODING_*
-    uint64_t reserved[3]  # to 128 bytes
+    uint64_t static_status[METRICS_STATUS_CLASSES]  # static handler answers, 1xx .. 5xx
+    uint64_t reserved[6]  # to 192 bytes
 
 ctypedef struct UpstreamCounters:
     uint64_t requests
@@ -181,8 +182,9 @@ cdef class MetricsSlots:
     def totals(self, int first, int stop, int routes, int upstreams):
         """Counters summed over slots [first, stop), for route indexes [0, routes) and upstream
         indexes [0, upstreams): (global, per route, per upstream), where global is
-        (bytes_in, bytes_out, connections_accepted, active_connections, codings), codings
-        being (responses, bytes before, bytes after) per CODING_*, a route is
+        (bytes_in, bytes_out, connections_accepted, active_connections, codings,
+        static_status), codings being (responses, bytes before, bytes after) per CODING_*,
+        static_status the static handler's answers by class 1xx .. 5xx, a route is
         (status classes, buckets, duration sum in µs) and an upstream (requests, errors by
         kind, mirror copies by result). Call it between the zone's read_begin and read_retry."""
         cdef GlobalCounters g
@@ -209,7 +211,7 @@ cdef class MetricsSlots:
             return (
                 (g.bytes_in, g.bytes_out, g.connections_accepted, g.active_connections,
                  tuple([(g.codings[i].responses, g.codings[i].bytes_in, g.codings[i].bytes_out)
-                        for i in range(CODINGS)])),
+                        for i in range(CODINGS)]), tuple(g.static_status)),
                 [(tuple(r[i].status), tuple(r[i].buckets), r[i].duration_sum_us)
                  for i in range(routes)],
                 [(u[i].requests, tuple(u[i].errors), tuple(u[i].mirrored)) for i in range(upstreams)],
@@ -311,6 +313,11 @@ cdef class MetricsWriter:
     cdef void mirror_result(self, int upstream, int result) noexcept nogil:
         if 0 <= upstream < self._max_upstreams and MIRROR_SENT <= result <= MIRROR_SKIPPED:
             _counter_add(&self._upstreams[upstream].mirrored[result], 1)
+
+    cdef void static_response(self, int status) noexcept nogil:
+        """One answer of a static handler (core/static.pyx), by its status."""
+        if 100 <= status < 600:
+            _counter_add(&self._global.static_status[status // 100 - 1], 1)
 
     cdef void connection_opened(self) noexcept nogil:
         _counter_add(&self._global.connections_accepted, 1)

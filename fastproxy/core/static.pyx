@@ -326,6 +326,12 @@ cdef class Static(Filter):
         self.cache = {}
 
     cdef int request_head(self, Exchange ex) except -1:
+        self.answer(ex)
+        ex.client.core.metrics.static_response(ex.local_status)
+        return FILTER_RESPOND
+
+    cdef int answer(self, Exchange ex) except -1:
+        """Answer the request (ex.respond or ex.respond_file)."""
         cdef bytes path
         cdef bytes entry
         if ex.method != b"GET" and not ex.is_head:

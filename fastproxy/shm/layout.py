@@ -35,7 +35,8 @@ from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS, CODING_NAMES: re-
     ZONE_HEADER_SIZE, metrics_slot_size)
 
 ZONE_NAME = "metrics"
-LAYOUT_VERSION = 4  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror counters
+LAYOUT_VERSION = 5  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror
+# counters; 4: no static-file counters
 WORD = 8
 CACHE_LINE = 64
 

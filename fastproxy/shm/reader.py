@@ -61,7 +61,7 @@ def render_prometheus(zone) -> bytes:
         out.append(f'fastproxy_request_duration_seconds_sum{{route="{label}"}} {sum_us / 1e6!r}\n'
                    f'fastproxy_request_duration_seconds_count{{route="{label}"}} {cumulative}\n')
 
-    bytes_in, bytes_out, accepted, active, codings = totals
+    bytes_in, bytes_out, accepted, active, codings, static_status = totals
     for name, value, help_text in (
         ("fastproxy_bytes_received_total", bytes_in, "Bytes received from clients."),
         ("fastproxy_bytes_sent_total", bytes_out, "Bytes sent to clients."),
@@ -78,6 +78,10 @@ def render_prometheus(zone) -> bytes:
         family(name, "counter", help_text)
         for coding, counts in zip(L.CODING_NAMES, codings):
             out.append(f'{name}{{encoding="{coding}"}} {counts[field]}\n')
+
+    family("fastproxy_static_responses_total", "counter", "Answers of static file handlers, by status class.")
+    for cls, count in enumerate(static_status):
+        out.append(f'fastproxy_static_responses_total{{code="{cls + 1}xx"}} {count}\n')
 
     family("fastproxy_upstream_requests_total", "counter", "Requests sent to an upstream.")
     for upstream, (requests, _, _) in upstreams:
