@@ -64,6 +64,20 @@ SCENARIOS = (
              "fastproxy compresses it with zstd level 3 (nginx and HAProxy: not applicable)", "/16k.json",
              headers=("Accept-Encoding: zstd",), targets=("direct", "fastproxy-1w"),
              snippets="zstd-16k-json", response_headers=("Content-Encoding: zstd",)),
+    # the 16k snippets: the same levels on a larger body
+    Scenario("gzip-64k-json", "GET 64 KiB of JSON with Accept-Encoding: gzip, keep-alive, 64 connections; "
+             "each proxy compresses it with gzip level 5", "/64k.json", headers=("Accept-Encoding: gzip",),
+             snippets="gzip-16k-json", response_headers=("Content-Encoding: gzip",)),
+    Scenario("zstd-64k-json", "GET 64 KiB of JSON with Accept-Encoding: zstd, keep-alive, 64 connections; "
+             "fastproxy compresses it with zstd level 3 (nginx and HAProxy: not applicable)", "/64k.json",
+             headers=("Accept-Encoding: zstd",), targets=("direct", "fastproxy-1w"),
+             snippets="zstd-16k-json", response_headers=("Content-Encoding: zstd",)),
+    # files served by the proxy itself from the origin's directory (direct: the origin nginx
+    # serving them); HAProxy serves no files: not applicable
+    Scenario("static-16k", "GET a 16 KiB file the proxy serves itself, keep-alive, 64 connections",
+             "/static/16k", targets=("direct", "fastproxy-1w", "nginx-1w"), snippets="static"),
+    Scenario("static-1m", "GET a 1 MiB file the proxy serves itself, keep-alive, 64 connections",
+             "/static/1m", unit="MB/s", targets=("direct", "fastproxy-1w", "nginx-1w"), snippets="static"),
     Scenario("reload", "GET 100 B, keep-alive, 64 connections, target reloaded every second",
              "/100b", targets=RELOADABLE, reload_every=1.0),
 )

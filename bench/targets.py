@@ -41,11 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render(template: str, **values) -> str:
+def fill(text: str, **values) -> str:
     """Fill {{name}} placeholders (nginx configs are full of $ and braces)."""
     def sub(m):
         return str(values[m.group(1)])
-    return re.sub(r"\{\{(\w+)\}\}", sub, (HERE / template).read_text())
+    return re.sub(r"\{\{(\w+)\}\}", sub, text)
+
+
+def render(template: str, **values) -> str:
+    return fill((HERE / template).read_text(), **values)
 
 
 def http_get(port: int, path: str, timeout: float = 2.0, headers: Optional[Dict[str, str]] = None):
@@ -160,14 +164,15 @@ class Origin:
         (d / "client_body").mkdir()
         for name, size in self.FILES.items():
             (www / name).write_bytes(b"x" * size)
-        # JSON that compresses as an API's answer does (not one repeated byte): ~16 KiB.
-        items, size, i = [], 2, 0
-        while size < 16384:
-            items.append(f'{{"id":{i},"name":"item {i}","price":{i * 37 % 1000}.{i % 100:02d},'
-                         f'"tags":["t{i % 7}","t{i % 11}"],"in_stock":{"true" if i % 3 else "false"}}}')
-            size += len(items[-1]) + 1
-            i += 1
-        (www / "16k.json").write_text("[" + ",".join(items) + "]")
+        # JSON that compresses as an API's answer does (not one repeated byte): ~16 and ~64 KiB.
+        for name, want in (("16k.json", 16384), ("64k.json", 65536)):
+            items, size, i = [], 2, 0
+            while size < want:
+                items.append(f'{{"id":{i},"name":"item {i}","price":{i * 37 % 1000}.{i % 100:02d},'
+                             f'"tags":["t{i % 7}","t{i % 11}"],"in_stock":{"true" if i % 3 else "false"}}}')
+                size += len(items[-1]) + 1
+                i += 1
+            (www / name).write_text("[" + ",".join(items) + "]")
         # Text around an SSI command: nginx streams it with Transfer-Encoding: chunked.
         (www / "chunked.html").write_text(("c" * 1023 + "\n") * 8 + '<!--# echo var="uri" -->\n'
                                           + ("k" * 1023 + "\n") * 8)
@@ -220,8 +225,12 @@ class Target:
         pass
 
     def snippet(self, config: str) -> str:
-        """What the scenario adds to config file `config` (empty without snippets)."""
-        return (HERE / "configs" / self.snippets / config).read_text().rstrip("\n") if self.snippets else ""
+        """What the scenario adds to config file `config` (empty without snippets); its
+        {{www}} is the origin's directory of files (the static scenarios serve them too)."""
+        if not self.snippets:
+            return ""
+        return fill((HERE / "configs" / self.snippets / config).read_text().rstrip("\n"),
+                    www=self.origin.dir.path / "www")
 
     def _launch(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
         self.server = Server(self.name, argv, self.dir.path, PROXY_CPU if self.pinned else None,
