@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import socket
 import time
 from email.utils import formatdate
@@ -376,3 +377,36 @@ def test_static_responses_counted_by_status(make_proxy, tmp_path):
         fetch(p.port, "GET", target, [])
     fetch(p.port, "GET", "/a.txt", [("Range", "bytes=9-")])  # 416
     assert [after - was for after, was in zip(counts(), before)] == [2, 2]
+
+
+def test_try_files_code_and_follow_symlinks_never(make_proxy, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "real.txt").write_bytes(b"real\n")
+    os.symlink(www / "real.txt", www / "link.txt")
+    p = make_proxy({"main": {"workers": 1}, "routes": [
+        {"path_prefix": "/never/", "static": {"root": str(www), "follow_symlinks": "never"}},
+        {"path_prefix": "/spa/", "static": {"root": str(www), "try_files": ["$uri", "=410"]}},
+        {"path_prefix": "/exact", "static": {"root": str(www)}},
+    ]})
+    assert fetch(p.port, "GET", "/never/real.txt", []).body == b"real\n"
+    assert fetch(p.port, "GET", "/never/link.txt", []).status == 404
+    assert fetch(p.port, "GET", "/spa/real.txt", []).body == b"real\n"
+    assert fetch(p.port, "GET", "/spa/nothing", []).status == 410
+    assert fetch(p.port, "GET", "/exactreal.txt", []).status == 404  # not under "/exact/"
+
+
+def test_drain_on_sigquit_finishes_the_file_response(make_proxy, tmp_path):
+    big = tmp_path / "big.bin"
+    data = os.urandom(1024 * 1024) * 16
+    big.write_bytes(data)
+    p = make_proxy({"main": {"workers": 1, "shutdown_timeout": "5s"},
+                    "routes": [{"path_prefix": "/", "static": {"root": str(tmp_path)}}]})
+    with RawClient(p.port, timeout=30) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        c.send(build_request("GET", "/big.bin", [("Host", "x")]))
+        head = c.read_head()
+        assert head.status == 200
+        p.signal(signal.SIGQUIT)  # a graceful stop: the response in flight is finished
+        assert b"".join(c.iter_body(head)) == data
+    assert p.wait_exit(15) == 0

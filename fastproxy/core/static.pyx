@@ -299,7 +299,8 @@ cdef class Static(Filter):
     """A `static` route's handler: the route's last request_head filter; it always answers."""
     cdef bytes root               # no trailing "/"
     cdef bytes strip_prefix
-    cdef tuple index, try_files
+    cdef tuple index
+    cdef tuple try_files          # bytes entries, and an int for a last "=CODE"
     cdef tuple codings            # CODING_* of the precompressed suffixes, in preference order
     cdef tuple suffixes           # their file suffixes (b".zst", ...)
     cdef bytes cache_control
@@ -308,13 +309,13 @@ cdef class Static(Filter):
     cdef dict mime_types
     cdef bytes default_type
     cdef bytes boundary
-    cdef dict cache               # path under root -> (OpenFile, DIRECTORY or None, checked_at)
+    cdef dict cache               # path under root -> (OpenFile, DIRECTORY or None; when looked at)
 
     def __init__(self, handler):  # a config.runtime.Static
         self.root = handler.root
         self.strip_prefix = handler.strip_prefix
         self.index = handler.index
-        self.try_files = handler.try_files
+        self.try_files = tuple(int(e[1:]) if e.startswith(b"=") else e for e in handler.try_files)
         self.codings = tuple(SIBLING_CODINGS[s] for s in handler.precompressed)
         self.suffixes = tuple(b"." + s.encode() for s in handler.precompressed)
         self.cache_control = handler.cache_control
@@ -333,7 +334,6 @@ cdef class Static(Filter):
     cdef int answer(self, Exchange ex) except -1:
         """Answer the request (ex.respond or ex.respond_file)."""
         cdef bytes path
-        cdef bytes entry
         if ex.method != b"GET" and not ex.is_head:
             ex.respond(405, ALLOW_GET_HEAD, METHOD_NOT_ALLOWED_BODY)
             return FILTER_RESPOND
@@ -344,12 +344,12 @@ cdef class Static(Filter):
         if not self.try_files:
             return self.serve_path(ex, path, True)
         for entry in self.try_files:
-            if entry[0] == b'=':
-                ex.respond(int(entry[1:]), JSON_TYPE, error_body(int(entry[1:]), ex.request_id))
+            if type(entry) is int:
+                ex.respond(<int>entry, JSON_TYPE, error_body(<int>entry, ex.request_id))
                 return FILTER_RESPOND
-            if entry.startswith(b"$uri"):
-                entry = path + entry[4:]
-            if self.serve_path(ex, entry, False) == FILTER_RESPOND:
+            if (<bytes>entry).startswith(b"$uri"):
+                entry = path + (<bytes>entry)[4:]
+            if self.serve_path(ex, <bytes>entry, False) == FILTER_RESPOND:
                 return FILTER_RESPOND
         ex.respond(404, JSON_TYPE, NOT_FOUND_BODY)
         return FILTER_RESPOND
@@ -361,11 +361,14 @@ cdef class Static(Filter):
         cdef const unsigned char *p
         cdef Py_ssize_t n, i
         cdef int c
+        cdef char byte
         cdef ByteWriter out = None
         if self.strip_prefix:
             path = path[PyBytes_GET_SIZE(self.strip_prefix):]
-            if not path.startswith(b"/"):
-                path = b"/" + path
+            if not path:
+                path = b"/"
+            elif not path.startswith(b"/"):
+                return None  # "/filesx" on a route for "/files" is not under it
         p = <const unsigned char *>PyBytes_AS_STRING(path)
         n = PyBytes_GET_SIZE(path)
         i = 0
@@ -378,7 +381,8 @@ cdef class Static(Filter):
                 if out is None:
                     out = ByteWriter(n)
                     out.add_raw(<const char *>p, i)
-                out.add_raw(<const char *>&c, 1)  # little-endian: the low byte
+                byte = <char>c
+                out.add_raw(&byte, 1)
                 i += 3
                 continue
             if c == b'\\' or c == 0:
@@ -398,7 +402,8 @@ cdef class Static(Filter):
         """Answer with the file at `path` (under root), a directory's index file, or a
         redirect to the directory; FILTER_CONTINUE when there is nothing there and `last`
         is false (try_files goes on), else 404."""
-        cdef object found = self.lookup(path)
+        cdef double now = ex.client.core.now
+        cdef object found = self.lookup(path, now)
         cdef bytes name
         cdef bytes location
         if found is DIRECTORY:
@@ -409,7 +414,7 @@ cdef class Static(Filter):
                 ex.respond(301, ((b"Location", location),) + JSON_TYPE, error_body(301, ex.request_id))
                 return FILTER_RESPOND
             for name in self.index:
-                found = self.lookup(path + name)
+                found = self.lookup(path + name, now)
                 if found is not None and found is not DIRECTORY:
                     return self.serve(ex, <OpenFile>found)
             found = None
@@ -422,11 +427,10 @@ cdef class Static(Filter):
         ex.respond(404, JSON_TYPE, NOT_FOUND_BODY)
         return FILTER_RESPOND
 
-    cdef object lookup(self, bytes path):
+    cdef object lookup(self, bytes path, double now):
         """The OpenFile at `path` under root, DIRECTORY, or None: from the cache while its
         entry is less than FILE_CACHE_VALID old, else looked at again."""
         cdef tuple cached = self.cache.get(path)
-        cdef double now = monotonic()
         if cached is not None and now - <double>cached[1] < FILE_CACHE_VALID and not (
                 isinstance(cached[0], OpenFile) and (<OpenFile>cached[0]).stale):
             return cached[0]
