@@ -224,7 +224,7 @@ def test_multiple_ranges_are_multipart_byteranges(proxy):
 
 @pytest.mark.parametrize("accept,coding", [
     (None, None), ("gzip", "gzip"), ("zstd", "zstd"), ("gzip, zstd", "zstd"), ("zstd;q=0.5, gzip", "gzip"),
-    ("br", None), ("zstd;q=0, gzip;q=0", None),
+    ("br", None), ("zstd;q=0, gzip;q=0", None), ("gzip;q=0.5, identity", None), ("*", "zstd"),
 ])
 def test_precompressed_variant_chosen_by_accept_encoding(proxy, root, accept, coding):
     js = (root / "app.js").read_bytes()
