@@ -308,7 +308,10 @@ cdef class Static(Filter):
     cdef str follow_symlinks
     cdef dict mime_types
     cdef bytes default_type
-    cdef bytes boundary
+    cdef bytes boundary_line      # "--<boundary>\r\n" of multipart/byteranges, random per worker
+    cdef bytes multipart_type     # its Content-Type
+    cdef bytes multipart_end      # and its closing boundary
+    cdef ByteWriter writer        # builds range headers and part heads
     cdef dict cache               # path under root -> (OpenFile, DIRECTORY or None; when looked at)
 
     def __init__(self, handler):  # a config.runtime.Static
@@ -323,7 +326,11 @@ cdef class Static(Filter):
         self.follow_symlinks = handler.follow_symlinks
         self.mime_types = dict(handler.mime_types)
         self.default_type = handler.default_type
-        self.boundary = os.urandom(12).hex().encode()
+        boundary = os.urandom(12).hex().encode()
+        self.boundary_line = b"--" + boundary + b"\r\n"
+        self.multipart_type = b"multipart/byteranges; boundary=" + boundary
+        self.multipart_end = b"\r\n--" + boundary + b"--\r\n"
+        self.writer = ByteWriter(256)
         self.cache = {}
 
     cdef int request_head(self, Exchange ex) except -1:
@@ -578,23 +585,50 @@ cdef class Static(Filter):
         if value is not None and not ex.is_head and self.range_applies(ex, sent):
             count = parse_ranges(value, sent.size, starts, ends)
         if count == RANGES_UNSATISFIABLE:
-            headers.append((b"Content-Range", b"bytes */%d" % sent.size))
+            headers.append((b"Content-Range", self.content_range(-1, 0, sent.size)))
             ex.respond(416, tuple(headers[1:]), b"")
             return FILTER_RESPOND
         if count == 1:
-            headers.append((b"Content-Range", b"bytes %d-%d/%d" % (starts[0], ends[0] - 1, sent.size)))
+            headers.append((b"Content-Range", self.content_range(starts[0], ends[0], sent.size)))
             ex.respond_file(206, tuple(headers), FileBody.new(sent, [b"", starts[0], ends[0] - starts[0]], b""))
         elif count > 1:
             parts = []
             for i in range(count):
-                prefix = b"%s--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n" % (
-                    b"\r\n" if i else b"", self.boundary, file.content_type, starts[i], ends[i] - 1, sent.size)
+                prefix = self.part_head(i == 0, file.content_type,
+                                        self.content_range(starts[i], ends[i], sent.size))
                 parts += [prefix, starts[i], ends[i] - starts[i]]
-            headers[0] = (b"Content-Type", b"multipart/byteranges; boundary=" + self.boundary)
-            ex.respond_file(206, tuple(headers), FileBody.new(sent, parts, b"\r\n--" + self.boundary + b"--\r\n"))
+            headers[0] = (b"Content-Type", self.multipart_type)
+            ex.respond_file(206, tuple(headers), FileBody.new(sent, parts, self.multipart_end))
         else:
             ex.respond_file(200, tuple(headers), FileBody.new(sent, [b"", 0, sent.size], b""))
         return FILTER_RESPOND
+
+    cdef bytes content_range(self, int64_t first, int64_t end, int64_t size):
+        """A Content-Range value: "bytes first-(end-1)/size", or "bytes */size" when first < 0."""
+        cdef ByteWriter out = self.writer
+        out.clear()
+        out.add(b"bytes ")
+        if first < 0:
+            out.add(b"*")
+        else:
+            out.add_decimal(first)
+            out.add(b"-")
+            out.add_decimal(end - 1)
+        out.add(b"/")
+        out.add_decimal(size)
+        return out.take()
+
+    cdef bytes part_head(self, bint first, bytes content_type, bytes content_range):
+        """What goes before a part of a multipart/byteranges body: its boundary and head."""
+        cdef ByteWriter out = self.writer
+        out.clear()
+        out.add(self.boundary_line if first else b"\r\n" + self.boundary_line)
+        out.add(b"Content-Type: ")
+        out.add(content_type)
+        out.add(b"\r\nContent-Range: ")
+        out.add(content_range)
+        out.add(b"\r\n\r\n")
+        return out.take()
 
     cdef bint range_applies(self, Exchange ex, OpenFile sent):
         """If-Range: the Range is for this representation (a strong ETag equal to ours, or
