@@ -410,3 +410,13 @@ def test_drain_on_sigquit_finishes_the_file_response(make_proxy, tmp_path):
         p.signal(signal.SIGQUIT)  # a graceful stop: the response in flight is finished
         assert b"".join(c.iter_body(head)) == data
     assert p.wait_exit(15) == 0
+
+
+def test_error_found_in_the_body_replaces_the_file_answer(make_proxy, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"the file\n")
+    p = make_proxy({"main": {"workers": 1}, "routes": [
+        {"path_prefix": "/", "max_body_size": "1k", "static": {"root": str(tmp_path)}}]})
+    body = b"x" * 4096
+    r = fetch(p.port, "GET", "/a.txt", [("Transfer-Encoding", "chunked")],
+              body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert r.status == 413 and b"the file" not in r.body, r

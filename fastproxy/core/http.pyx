@@ -865,7 +865,8 @@ cdef class Exchange(UpstreamConsumer):
         goes to the error log (a default by status when None)."""
         self.end_pause()  # a paused request refused (413, 408) is over
         self.local_status = status
-        self.local_body = None  # it replaces an answer from respond()
+        self.local_body = None  # it replaces an answer from respond() or respond_file()
+        self.local_file = None
         self.close_after = True
         self.client.refuse(self, reason)
 
@@ -1629,7 +1630,8 @@ cdef class ClientConnection:
             ex.upstream.close()
             ex.upstream = None
         ex.local_status = 500
-        ex.local_body = None  # it replaces an answer from respond()
+        ex.local_body = None  # it replaces an answer from respond() or respond_file()
+        ex.local_file = None
         ex.close_after = True
         self.out = None
         try:
