@@ -248,6 +248,8 @@ def test_compress_applies_to_a_file_without_sibling(proxy):
     r = get(proxy, "/gz/page.html", [("Accept-Encoding", "gzip")])
     assert r.status == 200 and r.header("content-encoding") == "gzip", r
     assert r.framing == "chunked" and gzip.decompress(r.body) == TEXT, r
+    r = fetch(proxy.port, "GET", "/gz/page.html", [("Accept-Encoding", "gzip")], version="HTTP/1.0")
+    assert r.framing == "close" and gzip.decompress(r.body) == TEXT, r
     r = get(proxy, "/gz/page.html", [("Accept-Encoding", "gzip"), ("Range", "bytes=0-4")])
     assert r.status == 206 and r.body == TEXT[:5] and r.header("content-encoding") is None, r
 
