@@ -94,6 +94,7 @@ class Respond:
 class Static:
     """Route handler: files under a directory (config/static.py, core/static.pyx)."""
     runtime: ClassVar[str] = "static"
+    stateful: ClassVar[bool] = False  # no per-request slot
     root: bytes  # absolute, symbolic links resolved, no trailing "/"
     strip_prefix: bytes  # the route's path_prefix without its trailing "/", taken off; b"": none
     index: Tuple[bytes, ...]

@@ -480,7 +480,10 @@ cdef class Exchange(UpstreamConsumer):
         """From a request_head hook, as respond(), with a body read from a file as the client
         takes it (never whole): `body` says which bytes of the file (and the multipart
         boundaries between ranges). Content-Length is its length, unless a response_head hook
-        drops it (the body then goes chunked, or close-delimited to HTTP/1.0)."""
+        drops it (the body then goes chunked, or close-delimited to HTTP/1.0). A no-op where
+        respond() is one."""
+        if self.filter_state == FS_NONE:
+            return 0
         self.respond(status, headers, b"")
         self.local_file = body
         return 0
