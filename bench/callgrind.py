@@ -6,7 +6,7 @@ On a shared VM wall-clock CPU per request moves by more than the 2 % a change is
 callgrind's instruction counts do not. For each scenario (a plain GET: its path, its headers
 and its config snippet), fastproxy runs with one worker under callgrind in front of a small
 origin in this process, and one client connection sends `short` requests in one run and
-`long` in another (a new connection per request when the scenario sends Connection: close).
+`long` in another (a new connection every `per_connection` requests when the scenario sets it).
 The difference of the worker's user-space instructions over long - short requests leaves out
 start-up and shutdown; the short run then idles for as long as its missing requests would
 take, so both count about as many ticks of the once-a-second sweep, and what remains is per
@@ -97,19 +97,21 @@ def read_response(sock: socket.socket, buf: bytes) -> Tuple[bytes, bytes]:
 def send_requests(port: int, scenario: Scenario, n: int) -> None:
     request = ("GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n" % (
         scenario.path, "".join(h + "\r\n" for h in scenario.headers))).encode()
-    new_conn = any(h.lower().replace(" ", "") == "connection:close" for h in scenario.headers)
+    # the last request of a connection says so, unless the scenario's headers do on every one
+    last = request if scenario.per_connection == 1 else request[:-2] + b"Connection: close\r\n\r\n"
     sock: Optional[socket.socket] = None
     buf = b""
     try:
-        for _ in range(n):
+        for i in range(n):
             if sock is None:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
                 buf = b""
-            sock.sendall(request)
+            closing = scenario.per_connection and (i + 1) % scenario.per_connection == 0
+            sock.sendall(last if closing else request)
             status, buf = read_response(sock, buf)
             if b" 200 " not in status:
                 raise RuntimeError(f"{scenario.name}: {status!r}")
-            if new_conn:
+            if closing:
                 sock.close()
                 sock = None
     finally:
@@ -188,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("valgrind is not installed")
     scenarios = [BY_NAME[name] for name in args.scenarios.split(",")]
     for s in scenarios:
-        if s.script or s.path.lstrip("/") not in SIZES:
+        if (s.script and not s.per_connection) or s.path.lstrip("/") not in SIZES:
             ap.error(f"{s.name}: not a plain GET of {', '.join(SIZES)}")
     origin = Origin()
     print(f"| scenario | instructions per request ({args.tree.resolve()}) |\n|---|---|")

@@ -32,6 +32,10 @@ class Scenario:
     # that file says {{snippet}}: the targets of this scenario run with it
     snippets: Optional[str] = None
     response_headers: Tuple[str, ...] = ()  # "name: value" each proxy must answer with (checked)
+    # requests a client connection carries before the client closes it (its last one sends
+    # Connection: close); 0: kept for the whole run. Read by bench.callgrind and bench.syscalls,
+    # wrk gets it from the scenario's headers or script
+    per_connection: int = 0
 
 
 SCENARIOS = (
@@ -46,7 +50,9 @@ SCENARIOS = (
     Scenario("post-64k", "POST 64 KiB body, keep-alive, 64 connections", "/post",
              script="post.lua"),
     Scenario("new-conn", "GET 100 B, a new connection per request, 64 connections", "/100b",
-             headers=("Connection: close",)),
+             headers=("Connection: close",), per_connection=1),
+    Scenario("conn-10", "GET 100 B, a new connection per 10 requests (the 10th sends Connection: "
+             "close), 64 connections", "/100b", script="conn-10.lua", per_connection=10),
     Scenario("c2000", "GET 100 B, 2000 concurrent keep-alive connections", "/100b",
              connections=2000),
     Scenario("chunked", "GET ~16 KiB sent chunked by the origin, keep-alive, 64 connections",
