@@ -2,8 +2,11 @@
 # router, the upstream pools, the metrics writer, the access log and the periodic tick
 # that enforces every timeout (one sweep instead of a timer per connection).
 
-from gc import collect as gc_collect
+from gc import collect as gc_collect, get_referents
 import logging
+from weakref import WeakValueDictionary
+
+from cpython.ref cimport Py_INCREF, Py_DECREF
 
 cdef extern from "<malloc.h>" nogil:
     int malloc_trim(size_t pad)
@@ -25,6 +28,50 @@ REFUSAL_REASONS = {
     414: "request target longer than max_uri_size",
     431: "request head larger than max_header_size",
 }
+
+
+@cython.final
+cdef class NoTransportIndex:
+    """Stands in for uvloop's per-loop index of transports by descriptor (a private
+    WeakValueDictionary, Loop._transports): registering each accepted transport there runs
+    Python-level code and a weak reference with a callback, about an eighth of the worker's
+    instructions for a one-request connection (docs/benchmarks.md, "Cost of a connection").
+    uvloop only reads the index to refuse add_reader/add_writer on a descriptor a live
+    transport owns, a guard against misuse that the worker (which never calls them with a
+    client's descriptor) does not need."""
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+
+def skip_transport_index(loop):
+    """Put a NoTransportIndex in place of `loop`'s transport index; False (and nothing
+    changed) unless exactly one field of the loop object holds it, still empty. uvloop keeps
+    it in a private C field, so the field is found by its value: the one WeakValueDictionary
+    the loop refers to, looked for among the loop's pointer-sized fields."""
+    cdef PyObject **fields = <PyObject **><PyObject *>loop
+    cdef Py_ssize_t i, found = -1
+    cdef object index
+    cdef object replacement = NoTransportIndex()
+    held = [o for o in get_referents(loop) if type(o) is WeakValueDictionary]
+    if len(held) != 1 or len(held[0]):
+        return False
+    index = held[0]
+    # the object header (refcount, type) comes first: fields start after it
+    for i in range(2, type(loop).__basicsize__ // sizeof(PyObject *)):
+        if fields[i] == <PyObject *>index:
+            if found >= 0:
+                return False
+            found = i
+    if found < 0:
+        return False
+    Py_INCREF(replacement)
+    fields[found] = <PyObject *>replacement
+    Py_DECREF(index)  # the loop's reference; `index` still holds one until we return
+    return True
 
 
 @cython.final
@@ -78,6 +125,8 @@ cdef class WorkerCore:
         self.zones = zones
         self.paused = set()
         self.pause_timeout = main.pause_timeout
+        if not skip_transport_index(loop) and error_logger is not None:
+            error_logger.debug("uvloop's transport index not found: each connection registers in it")
         self.on_drained = on_drained
         self.error_logger = error_logger
         self.clients = set()
