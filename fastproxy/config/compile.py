@@ -134,7 +134,8 @@ def build_runtime(tree: dict, source: str) -> Runtime:
         access_log=AccessLog(path=_file(log["path"], base, "stdout", "off"), format=log["format"],
                              buffer_size=log["buffer"], flush_interval=log["flush"]),
         admin=Admin(admin["listen"]) if admin else None,
-        listeners=tuple(Listener(listener["address"], listener["backlog"]) for listener in tree["listen"]),
+        listeners=tuple(Listener(listener["address"], listener["backlog"], listener["deferred"])
+                        for listener in tree["listen"]),
         upstreams=tuple(Upstream(name=name, **upstream) for name, upstream in tree["upstreams"].items()),
         routes=routes,
     )

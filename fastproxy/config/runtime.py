@@ -23,6 +23,7 @@ class Address:
 class Listener:
     address: Address
     backlog: int = 511
+    deferred: bool = False  # TCP_DEFER_ACCEPT on its sockets
 
 
 @dataclass(frozen=True)

@@ -531,6 +531,11 @@ LISTEN = Section("listen", "[[listen]]", ARRAY, NEEDED, (
     Key("address", HostPort(listen=True), REQUIRED, '`"ip:port"`, `"[ipv6]:port"`, or `"*:port"` for '
         "every IPv4 address."),
     Key("backlog", Integer(1), 511, "Accept queue length of each listening socket."),
+    Key("deferred", Boolean(), False, "Hand a connection to a worker only once the client has sent "
+        "something (Linux `TCP_DEFER_ACCEPT`, as nginx's `deferred`): a worker wakes once per connection "
+        "instead of twice when the request comes in a later packet. A client that connects and stays "
+        "silent is handed over after about 1 s more, then closed after `client_header_timeout` as "
+        "without it. Ignored where the system has no such option."),
 ), "Where clients connect. At least one is required; no two may overlap.")
 
 UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (

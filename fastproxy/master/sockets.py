@@ -55,6 +55,18 @@ def _open(address: Address, backlog: int, reuseport: bool) -> socket.socket:
     return sock
 
 
+# Seconds a connection on a `deferred` listener may stay silent before it is handed to a
+# worker anyway (nginx's value); its client_header_timeout then runs as for any other.
+DEFER_ACCEPT_SECONDS = 1
+
+
+def _set_deferred(sock: socket.socket, deferred: bool) -> None:
+    """TCP_DEFER_ACCEPT on or off: set on every bind, so a reload that changes the key changes
+    the live socket (new connections only)."""
+    if hasattr(socket, "TCP_DEFER_ACCEPT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS if deferred else 0)
+
+
 def _check_free(address: Address) -> None:
     """Fail if another process listens on `address`.
 
@@ -109,10 +121,11 @@ class ListenSockets:
                 for slot in range(runtime.main.workers):
                     sock = self._listen.get((addr, slot))
                     if sock is None:
-                        self._listen[addr, slot] = _open(addr, listener.backlog, reuseport=True)
+                        sock = self._listen[addr, slot] = _open(addr, listener.backlog, reuseport=True)
                         added_listen.append((addr, slot))
                     else:
                         sock.listen(listener.backlog)  # takes effect on a live socket
+                    _set_deferred(sock, listener.deferred)
             if runtime.admin is not None and runtime.admin.listen not in self._admin:
                 self._admin[runtime.admin.listen] = _open(runtime.admin.listen, 511, reuseport=False)
                 added_admin.append(runtime.admin.listen)
