@@ -12,6 +12,7 @@ from cpython.object cimport PyObject
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW, RTLD_LOCAL
 
 import os
 import time
@@ -142,6 +143,49 @@ cdef check_parser_layout():
 
 
 check_parser_layout()
+
+
+# llhttp_reset, from the llhttp that httptools' extension bundles (it exports it): a request
+# parser is reused for the next connection of a worker (ClientConnection.forget) instead of
+# building a new one, which costs a parser object, llhttp's state and settings and one bound
+# method per callback. NULL if it cannot be found or does not do what it should
+# (check_parser_reset): connections then get new parsers.
+ctypedef void (*llhttp_reset_fn)(fp_llhttp_head *parser) noexcept nogil
+cdef llhttp_reset_fn llhttp_reset = NULL
+
+
+class _ResetProbe:
+    def __init__(self):
+        self.parser = HttpRequestParser(self)
+        self.urls = []
+
+    def on_url(self, url):
+        self.urls.append(url)
+
+
+cdef check_parser_reset():
+    """Find llhttp_reset and check that a parser left closed by a Connection: close request
+    parses a new request after it."""
+    global llhttp_reset
+    import httptools.parser.parser as module
+    cdef void *lib = dlopen(module.__file__.encode(), RTLD_NOW | RTLD_LOCAL)
+    cdef llhttp_reset_fn reset = NULL
+    if lib != NULL:
+        reset = <llhttp_reset_fn>dlsym(lib, b"llhttp_reset")
+    if reset == NULL:
+        return
+    probe = _ResetProbe()
+    try:
+        probe.parser.feed_data(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n")
+        reset(llhttp_state(probe.parser))
+        probe.parser.feed_data(b"GET /b HTTP/1.1\r\n\r\n")
+    except HttpParserError:
+        return
+    if probe.urls == [b"/a", b"/b"] and llhttp_state(probe.parser).data == <void *>probe.parser:
+        llhttp_reset = reset
+
+
+check_parser_reset()
 
 
 cdef inline double monotonic() noexcept:

@@ -17,6 +17,11 @@ cdef extern from "<malloc.h>" nogil:
 cdef Py_ssize_t TRIM_MIN_DROP = 1000
 cdef double TRIM_MIN_INTERVAL = 10.0
 
+# Client connection objects kept for reuse once their connection is gone (see
+# ClientConnection.forget): enough for a burst of short connections, bounded so a burst of
+# thousands does not stay in memory for good.
+cdef Py_ssize_t SPARE_CLIENTS = 256
+
 # Refused requests are logged at info, at most this many a second per worker: a flood of
 # bad requests must not become a flood of log lines (the rest are counted, see log_refused).
 cdef int REFUSALS_LOGGED_PER_SECOND = 10
@@ -82,6 +87,7 @@ cdef class WorkerCore:
     cdef MetricsWriter metrics
     cdef AccessLog access_log
     cdef set clients
+    cdef list spare_clients  # ClientConnection objects ready for the next connections
     cdef RequestIds ids
     cdef ByteWriter head_writer  # every message head is built in it, then taken as bytes
     cdef ResponseHead head_edits  # what response_head hooks edit: one, reused for every response
@@ -130,6 +136,7 @@ cdef class WorkerCore:
         self.on_drained = on_drained
         self.error_logger = error_logger
         self.clients = set()
+        self.spare_clients = []
         self.ids = RequestIds()
         self.head_writer = ByteWriter(4096)
         self.head_edits = ResponseHead()
@@ -193,7 +200,16 @@ cdef class WorkerCore:
         return cr
 
     def protocol_factory(self):
+        if self.spare_clients:
+            return self.spare_clients.pop()
         return ClientConnection(self)
+
+    cdef bint keep_spare(self, ClientConnection client) except -1:
+        """Keep `client`, whose connection is gone, for a later one; False if enough are kept."""
+        if len(self.spare_clients) >= SPARE_CLIENTS or self.draining:
+            return False
+        self.spare_clients.append(client)
+        return True
 
     def start(self):
         self.next_log_flush = monotonic() + self.log_flush_interval

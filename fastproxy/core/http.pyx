@@ -1023,10 +1023,40 @@ cdef class ClientConnection:
     cdef bint closing, write_paused, parse_failed, upgraded
     cdef int fd                  # the socket's descriptor, once looked up (see send_room)
     cdef int send_capacity       # its kernel send buffer, as last looked up (see send_room)
+    # A field added above must be cleared in forget() too: this object and its parser serve
+    # the worker's next connections.
 
     def __init__(self, WorkerCore core):
         self.core = core
         self.new_parser()
+
+    cdef bint reusable(self) noexcept:
+        """At connection_lost: the connection ended between requests, its parser at a message
+        boundary with nothing of httptools' own state left over (no error, no upgrade, no
+        chunked request, whose trailer httptools may still hold), and nothing outside refers
+        to it (every exchange is done)."""
+        return (llhttp_reset != NULL and self.current is None and self.parsing is None
+                and not self.queue and self.tunnel is None and not self.upgraded
+                and not self.parse_failed and self.held is None and self.chunk_phase == CHUNK_SIZE)
+
+    cdef void forget(self) except *:
+        """Back to the state of a new object, keeping the parser (reset) and its bound methods."""
+        llhttp_reset(llhttp_state(self.parser))
+        self.transport = self.write_one = self.write_many = None
+        self.addr = None
+        self.current = self.parsing = None
+        self.queue = self.out = self.tunnel_pending = None
+        self.tunnel = None
+        self.held = self.reading = None
+        self.paused = self.requests = self.timer = 0
+        self.deadline = 0
+        self.head_raw = self.msg_start = self.body_start = self.body_here = self.chunked_end = 0
+        self.gap = GAP_LINE
+        self.head_crlf = 0
+        self.chunk_phase = CHUNK_SIZE
+        self.chunk_size = self.chunk_left = self.trailer_line = 0
+        self.chunk_ext = self.closing = self.write_paused = self.parse_failed = self.upgraded = False
+        self.fd = self.send_capacity = 0
 
     cdef void new_parser(self) except *:
         self.parser = HttpRequestParser(self)
@@ -1101,12 +1131,16 @@ cdef class ClientConnection:
     def connection_lost(self, exc):
         self.core.now = monotonic()
         cdef Exchange ex = self.current
+        self.core.clients.discard(self)
+        self.core.metrics.connection_closed()
+        if self.reusable() and self.core.keep_spare(self):
+            self.forget()
+            self.core.connection_gone()
+            return
         self.closing = True
         # the parser and the transport's bound methods refer back to us: break the cycles
         self.parser = self.feed = self.get_method = self.should_keep_alive = None
         self.write_one = self.write_many = None
-        self.core.clients.discard(self)
-        self.core.metrics.connection_closed()
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
