@@ -1071,7 +1071,13 @@ cdef class ClientConnection:
         self.transport = transport
         self.write_one = transport.write
         self.write_many = transport.writelines
-        transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+        if self.core.set_client_limits < 0:
+            # uvloop's defaults are ours (64 KiB / 16 KiB) in the versions we know: the
+            # first connection tells whether every transport must be told
+            self.core.set_client_limits = (transport.get_write_buffer_limits()
+                                           != (CLIENT_LOW_WATER, CLIENT_HIGH_WATER))
+        if self.core.set_client_limits:
+            transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)
