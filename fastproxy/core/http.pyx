@@ -1072,10 +1072,10 @@ cdef class ClientConnection:
         self.write_one = transport.write
         self.write_many = transport.writelines
         if self.core.set_client_limits < 0:
-            # uvloop's defaults are ours (64 KiB / 16 KiB) in the versions we know: the
-            # first connection tells whether every transport must be told
-            self.core.set_client_limits = (transport.get_write_buffer_limits()
-                                           != (CLIENT_LOW_WATER, CLIENT_HIGH_WATER))
+            # uvloop starts a transport at our high-water mark (64 KiB), and its low-water
+            # mark is read only once writing has paused, where pause_writing sets ours: the
+            # first connection tells whether every transport must be told at once
+            self.core.set_client_limits = transport.get_write_buffer_limits()[1] != CLIENT_HIGH_WATER
         if self.core.set_client_limits:
             transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         peer = transport.get_extra_info("peername")
@@ -1173,6 +1173,7 @@ cdef class ClientConnection:
         self.core.now = monotonic()
         cdef UpstreamConnection source = self.feeding()
         self.write_paused = True
+        self.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)  # see connection_made
         if source is not None:
             source.pause()
         self.set_timer(TIMER_SEND, self.core.send_timeout)
