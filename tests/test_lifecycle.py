@@ -135,9 +135,14 @@ def test_hup_with_broken_config_keeps_serving(make_proxy, origin):
 
 
 @pytest.mark.slow
-def test_zero_downtime_reload_under_load(make_proxy, origin):
-    """64 keep-alive connections plus fresh connections for 10 s, HUP every second: nothing fails."""
-    p = make_proxy(config(origin))
+@pytest.mark.parametrize("deferred", [False, True], ids=["listen", "listen-deferred"])
+def test_zero_downtime_reload_under_load(make_proxy, origin, deferred):
+    """64 keep-alive connections plus fresh connections for 10 s, HUP every second: nothing fails
+    (also with a `deferred` listener, whose connections wait in the kernel for their first bytes)."""
+    p = make_proxy(start=False)
+    listen = {"address": f"127.0.0.1:{p.port}"} | ({"deferred": True} if deferred else {})
+    p.write_config(config(origin) | {"listen": [listen]})
+    p.start()
     gen0 = p.generation()
     stop = threading.Event()
     lock = threading.Lock()
