@@ -7,8 +7,8 @@ cdef class UpstreamConsumer:
 
     Its fields are what the connection reads (a field, not a call, so the hot path costs
     what it did when the connection talked to the Exchange directly); its methods are the
-    calls the connection makes. The Exchange methods kept their names and signatures (void,
-    except *); the calls added with the interface return int, except -1."""
+    calls the connection makes, each returning int, except -1 (an exception is a bug that
+    costs this request, see internal_error)."""
     cdef UpstreamConnection upstream  # the connection serving it now, or None
     cdef bytes upstream_addr     # that server's "host:port" (the access log's)
     cdef bint http11             # interim (1xx) responses are passed to interim_response
@@ -21,28 +21,29 @@ cdef class UpstreamConsumer:
 
     # -- the response, as the connection reads it ---------------------------------------------
 
-    cdef void upstream_ready(self, UpstreamConnection conn) except *:
+    cdef int upstream_ready(self, UpstreamConnection conn) except -1:
         """`conn` is connected (or taken from the pool) for it: send the request."""
         raise NotImplementedError
 
-    cdef void upstream_failed(self, int status) except *:
+    cdef int upstream_failed(self, int status) except -1:
         """No response will come, and none has started: 502, or 504 for a timeout."""
         raise NotImplementedError
 
-    cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
-                            Py_ssize_t first, Py_ssize_t end) except *:
+    cdef int response_head(self, UpstreamConnection conn, int status, bytes raw,
+                           Py_ssize_t first, Py_ssize_t end) except -1:
         """The final response's head is raw[:end], its header lines from `first`; the
         connection has noted what it acts on (conn.resp_has_length, ...)."""
         raise NotImplementedError
 
-    cdef void interim_response(self, UpstreamConnection conn, int status, bytes raw,
-                               Py_ssize_t first, Py_ssize_t end) except *:
+    cdef int interim_response(self, UpstreamConnection conn, int status, bytes raw,
+                              Py_ssize_t first, Py_ssize_t end) except -1:
         """A 1xx before the response (never 100 or 101); only called when http11."""
+        return 0
 
-    cdef void response_body(self, bytes data) except *:
+    cdef int response_body(self, bytes data) except -1:
         raise NotImplementedError
 
-    cdef void response_complete(self) except *:
+    cdef int response_complete(self) except -1:
         """The response is whole; `upstream` is already None (the connection is pooled or
         closed)."""
         raise NotImplementedError

@@ -86,6 +86,7 @@ class _PipelineFull(Exception):
     to stop httptools at a message boundary (see ClientConnection.hold)."""
 
 
+@cython.final
 cdef class Exchange(UpstreamConsumer):
     cdef ClientConnection client
     cdef CompiledRoute route
@@ -133,7 +134,7 @@ cdef class Exchange(UpstreamConsumer):
 
     # -- request side -----------------------------------------------------------
 
-    cdef void header(self, bytes name, bytes value) except *:
+    cdef int header(self, bytes name, bytes value) except -1:
         cdef int kind = header_kind(name)
         if kind == H_OTHER or kind == H_USER_AGENT or kind == H_REFERER \
                 or kind == H_SERVER or kind == H_DATE:
@@ -172,8 +173,9 @@ cdef class Exchange(UpstreamConsumer):
         elif kind == H_X_FORWARDED_FOR:
             self.xff = value if self.xff is None else self.xff + b", " + value
         # other hop-by-hop headers and X-Forwarded-Proto/-Host are dropped: we set our own
+        return 0
 
-    cdef void head_complete(self) except *:
+    cdef int head_complete(self) except -1:
         """Validate and route a complete request head; answer or start forwarding."""
         cdef ClientConnection client = self.client
         cdef WorkerCore core = client.core
@@ -200,27 +202,27 @@ cdef class Exchange(UpstreamConsumer):
         elif is_http_1x(client.parser, 1) or is_http_1x(client.parser, 0):
             self.http11 = is_http_1x(client.parser, 1)
         elif not self.supported_version(client.parser.get_http_version()):
-            return
+            return 0
         if self.local_status == 417:  # from an Expect we do not know
             self.fail(417, "Expect other than 100-continue")
-            return
+            return 0
         if self.http11 and self.host_count == 0:
             self.fail(400, "HTTP/1.1 request without Host")
-            return
+            return 0
         if self.host_count > 1:
             self.fail(400, "more than one Host header")
-            return
+            return 0
         if self.method == b"CONNECT":
             self.local_status = 405
             self.allow = b""
             self.close_after = True
-            return
+            return 0
         if self.host is not None and not valid_host(self.host):
             self.fail(400, "empty Host" if not self.host else "invalid Host")
-            return
+            return 0
         if not self.set_path(core.allow_encoded_slashes):
             self.fail(400, "request target refused: not a path in normal form, nor http://host/path")
-            return
+            return 0
         host = self.host if self.host is not None else b""  # HTTP/1.0 may send none
         if core.router.uses_hosts:
             host = normalize_host(host)
@@ -233,39 +235,41 @@ cdef class Exchange(UpstreamConsumer):
                 self.allow = b", ".join(sorted(set(allowed)))
             else:
                 self.local_status = 404
-            return
+            return 0
         if not self.route.methods and self.method == b"TRACE":
             # a request echoed back can leak credentials (cross-site tracing): TRACE is
             # only passed on by a route whose `methods` names it
             self.local_status = 405
             self.allow = ALLOW_WITHOUT_TRACE
-            return
+            return 0
         if self.head_size > self.route.max_header_size:
             self.fail(431)
-            return
+            return 0
         if self.route.max_body_size and self.content_length > self.route.max_body_size:
             self.fail(413)
-            return
+            return 0
         if self.route.slot_count:
             self.slots = [None] * self.route.slot_count
         if self.route.request_head_filters and \
                 run_request_head(self.route.request_head_filters, self, 0) != FILTER_CONTINUE:
-            return  # answered, or paused until resume()
+            return 0  # answered, or paused until resume()
         self.filters_passed()
+        return 0
 
-    cdef void filters_passed(self) except *:
+    cdef int filters_passed(self) except -1:
         """The request_head filters have let the request through to its upstream."""
         if self.conn_upgrade and not self.upgrade_websocket and self.content_length != 0:
             # llhttp has skipped the body of an upgrade request: refuse it
             self.fail(400, "upgrade request with a body")
-            return
+            return 0
         self.upstream_head = self.build_upstream_head(self.client.core)
         if self.route.upstream_filters:
             run_upstream(self.route.upstream_filters, self)
         if self.route.request_body_filters and (self.paused_body is not None or self.request_done):
             self.body_after_pause()
+        return 0
 
-    cdef void body_after_pause(self) except *:
+    cdef int body_after_pause(self) except -1:
         """The request_body hooks get what was read while the request was paused, in order,
         now that the request_head and upstream hooks have run."""
         cdef list pieces = self.paused_body
@@ -275,8 +279,9 @@ cdef class Exchange(UpstreamConsumer):
                 run_request_body(self.route.request_body_filters, self, <bytes>piece, False)
         if self.request_done:
             run_request_body(self.route.request_body_filters, self, b"", True)
+        return 0
 
-    cdef bint set_path(self, bint keep_encoded_slashes) except *:
+    cdef bint set_path(self, bint keep_encoded_slashes) except -1:
         """Sets `path` to the normal form of the target's path (path.pyx): the router and the
         upstream both get that one. False when the target is refused. A target that changes
         is rewritten in `url` (the query kept as sent) and kept in `received_url` for the log."""
@@ -372,7 +377,7 @@ cdef class Exchange(UpstreamConsumer):
         out.add(CRLF)
         return out.take()
 
-    cdef void body(self, bytes data) except *:
+    cdef int body(self, bytes data) except -1:
         cdef Py_ssize_t n = len(data)
         self.body_received += n
         self.bytes_in += n
@@ -381,7 +386,7 @@ cdef class Exchange(UpstreamConsumer):
             self.fail(413)
             raise _StopRequest()
         if self.local_status or self.route is None or self.route.pool is None:
-            return  # answered locally: the body is read and dropped
+            return 0  # answered locally: the body is read and dropped
         if self.route.request_body_filters:
             if self.filter_state != FS_PAUSED:
                 run_request_body(self.route.request_body_filters, self, data, False)
@@ -395,8 +400,9 @@ cdef class Exchange(UpstreamConsumer):
             self.to_upstream(CRLF)
         else:
             self.to_upstream(data)
+        return 0
 
-    cdef void message_complete(self) except *:
+    cdef int message_complete(self) except -1:
         self.request_done = True
         if not self.local_status and self.route is not None and self.route.request_body_filters \
                 and self.filter_state != FS_PAUSED:  # else filters_passed makes this call
@@ -406,8 +412,9 @@ cdef class Exchange(UpstreamConsumer):
             self.to_upstream(LAST_CHUNK)
         if self.upstream is not None and self.upstream.state == UP_BUSY:
             self.upstream.await_response()
+        return 0
 
-    cdef void to_upstream(self, bytes data) except *:
+    cdef int to_upstream(self, bytes data) except -1:
         if self.up_out is None:
             self.up_out = [data]
         else:
@@ -416,14 +423,16 @@ cdef class Exchange(UpstreamConsumer):
         if self.up_out_size > MAX_BUFFERED_BODY and (
                 self.upstream is None or self.upstream.state != UP_BUSY):
             self.client.pause_reading(PAUSE_BUFFERED)
+        return 0
 
-    cdef void flush_upstream(self) except *:
+    cdef int flush_upstream(self) except -1:
         cdef list out = self.up_out
         if out is None or self.upstream is None or self.upstream.state != UP_BUSY:
-            return
+            return 0
         self.up_out = None
         self.up_out_size = 0
         self.upstream.send(out)
+        return 0
 
     cdef bint can_retry(self) noexcept:
         return not self.retried and self.content_length == 0 and not self.chunked_in \
@@ -522,7 +531,7 @@ cdef class Exchange(UpstreamConsumer):
 
     # -- pause (FILTER_PAUSE) -----------------------------------------------------
 
-    cdef void pause(self, Py_ssize_t at) except *:
+    cdef int pause(self, Py_ssize_t at) except -1:
         """The filter at `at` returned FILTER_PAUSE: nothing is sent upstream until resume()
         (the body is buffered, up to MAX_BUFFERED_BODY), for at most pause_timeout."""
         cdef WorkerCore core = self.client.core
@@ -530,15 +539,17 @@ cdef class Exchange(UpstreamConsumer):
         self.filter_at = at
         self.paused_at = core.now
         core.paused.add(self)
+        return 0
 
-    cdef void end_pause(self) except *:
+    cdef int end_pause(self) except -1:
         """Out of the request_head filters, paused or not (a hook that raised): resume() is
         now a no-op."""
         if self.filter_state == FS_PAUSED:
             self.client.core.paused.discard(self)
         self.filter_state = FS_NONE
+        return 0
 
-    cdef void pause_over(self, int status) except *:
+    cdef int pause_over(self, int status) except -1:
         """Answer a paused exchange with fastproxy's error `status` (504 past pause_timeout,
         503 half-way through a drain); its filter's later resume() is a no-op."""
         self.end_pause()
@@ -547,12 +558,13 @@ cdef class Exchange(UpstreamConsumer):
         if not self.request_done:
             self.close_after = True  # answered before its body: the connection cannot be reused
         self.proceed()
+        return 0
 
-    cdef void proceed(self) except *:
+    cdef int proceed(self) except -1:
         """Out of a pause: what on_headers_complete does after head_complete."""
         cdef ClientConnection client = self.client
         if self.response_started:  # refused by filters_passed
-            return
+            return 0
         if self.local_status:
             # answered locally: drop what was buffered for an upstream, read the rest to drop it
             self.up_out = None
@@ -564,6 +576,7 @@ cdef class Exchange(UpstreamConsumer):
             self.dispatch()
             client.flush()
         # else queued: dispatched in its turn
+        return 0
 
     cdef int internal_error(self, object exc) except -1:
         """A bug while serving it (its upstream connection, a resume, the sweep): a 500 for
@@ -583,34 +596,36 @@ cdef class Exchange(UpstreamConsumer):
         self.paused_body = None
         return 0
 
-    cdef void finished(self) except *:
+    cdef int finished(self) except -1:
         """The exchange is over, however it ended: no pause goes on, and the route's stateful
         filters release what their slots hold."""
         self.end_pause()
         if self.slots is not None:
             run_release(self.route.slot_filters, self)
             self.slots = None
+        return 0
 
     # -- dispatch ---------------------------------------------------------------
 
-    cdef void dispatch(self) except *:
+    cdef int dispatch(self) except -1:
         """Called when this exchange becomes the one the connection answers."""
         cdef ClientConnection client = self.client
         if self.filter_state == FS_PAUSED:
-            return  # resume() dispatches it
+            return 0  # resume() dispatches it
         if self.local_status:
             if self.request_done or self.expect_continue or self.close_after:
                 if not self.request_done:
                     self.close_after = True  # the body will not come: we answered first
                 self.respond_local()
-            return  # else: answered once the body has been read
+            return 0  # else: answered once the body has been read
         if self.expect_continue:
             client.write(CONTINUE_100)
         self.upstream_start = client.core.now
         client.core.metrics.upstream_request(self.route.pool.metric_id)
         self.route.pool.acquire(self, False)
+        return 0
 
-    cdef void upstream_ready(self, UpstreamConnection conn) except *:
+    cdef int upstream_ready(self, UpstreamConnection conn) except -1:
         cdef list pending = self.up_out
         if pending is None:
             conn.write_one(self.upstream_head)
@@ -624,14 +639,16 @@ cdef class Exchange(UpstreamConsumer):
         if self.client.write_paused:
             conn.pause()  # the client's buffer is still full from the previous response
         self.client.resume_reading(PAUSE_BUFFERED)
+        return 0
 
-    cdef void upstream_failed(self, int status) except *:
+    cdef int upstream_failed(self, int status) except -1:
         self.upstream_time = self.client.core.now - self.upstream_start
         if not self.request_done:
             self.close_after = True
         self.local_status = status
         self.respond_local()
         self.client.flush()
+        return 0
 
     # -- the rest of what the upstream connection calls (UpstreamConsumer) ----------------
 
@@ -683,7 +700,7 @@ cdef class Exchange(UpstreamConsumer):
             return CONNECTION_CLOSE
         return b"" if self.http11 else CONNECTION_KEEP_ALIVE
 
-    cdef void respond_local(self) except *:
+    cdef int respond_local(self) except -1:
         cdef ClientConnection client = self.client
         cdef WorkerCore core = client.core
         cdef ByteWriter out = core.head_writer
@@ -720,9 +737,10 @@ cdef class Exchange(UpstreamConsumer):
         client.write(out.take())
         if self.frame != FRAME_NONE and self.local_file is not None:
             self.start_file()
-            return
+            return 0
         self.local_file = None
         self.response_complete()
+        return 0
 
     cdef bytes local_head(self, WorkerCore core, ByteWriter out):
         """The head of an answer from respond(), up to its Content-Length; returns the body
@@ -739,7 +757,7 @@ cdef class Exchange(UpstreamConsumer):
             out.add(CRLF)
         return body
 
-    cdef void file_head(self, WorkerCore core, ByteWriter out) except *:
+    cdef int file_head(self, WorkerCore core, ByteWriter out) except -1:
         """The head of an answer from respond_file(), up to its framing: the body is the
         file's, streamed after the head, through the body hooks if the route has any."""
         cdef bint length_dropped = self.local_headers_out(core, out, self.local_file.total)
@@ -757,6 +775,7 @@ cdef class Exchange(UpstreamConsumer):
             out.add_decimal(self.local_file.total)
             out.add(CRLF)
         self.body_hooks = self.frame != FRAME_NONE and len(self.route.response_body_filters) > 0
+        return 0
 
     cdef bint local_headers_out(self, WorkerCore core, ByteWriter out, Py_ssize_t length) except -1:
         """A local answer's status line and headers, as the response_head hooks edit them
@@ -782,7 +801,7 @@ cdef class Exchange(UpstreamConsumer):
             out.add(edits.added)
         return edits is not None and edits.length_dropped
 
-    cdef void start_file(self) except *:
+    cdef int start_file(self) except -1:
         """The head of a file response is written: send its body. Without body hooks the
         file goes to the socket by sendfile, which needs the transport's buffer empty (else
         bytes would pass each other): for the length of the body the transport pauses us as
@@ -790,8 +809,9 @@ cdef class Exchange(UpstreamConsumer):
         if not self.body_hooks:
             self.client.transport.set_write_buffer_limits(0, 0)
         self.send_file()
+        return 0
 
-    cdef void send_file(self) except *:
+    cdef int send_file(self) except -1:
         """Send more of the file response: as much as the client takes now, at most
         FILE_BURST per call; ClientConnection.resume_writing (or the loop, after a burst)
         calls again. Reading stops while the client's buffer is full, so memory stays at
@@ -805,13 +825,13 @@ cdef class Exchange(UpstreamConsumer):
                 piece = body.next_part()
                 if piece is None:
                     self.finish_file()
-                    return
+                    return 0
                 if PyBytes_GET_SIZE(piece):
                     self.file_piece(piece)
                 continue
             if budget <= 0:
                 client.core.loop.call_soon(client.continue_file)
-                return
+                return 0
             if not self.body_hooks and not body.no_sendfile:
                 client.flush()
                 if client.transport.get_write_buffer_size() == 0:
@@ -822,7 +842,7 @@ cdef class Exchange(UpstreamConsumer):
                         continue
                     if sent == -1:
                         self.file_shrunk()
-                        return
+                        return 0
                     if sent == -2:
                         self.client.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
                         continue
@@ -833,19 +853,21 @@ cdef class Exchange(UpstreamConsumer):
                 piece = body.read(FILE_PIECE)
             if piece is None:
                 self.file_shrunk()
-                return
+                return 0
             budget -= PyBytes_GET_SIZE(piece)
             self.file_piece(piece)
+        return 0
 
-    cdef void file_piece(self, bytes piece) except *:
+    cdef int file_piece(self, bytes piece) except -1:
         if self.body_hooks:
             piece = run_response_body(self.route.response_body_filters, self, piece, False)
             if PyBytes_GET_SIZE(piece) == 0:
-                return
+                return 0
         self.write_body(piece)
         self.client.flush()
+        return 0
 
-    cdef void finish_file(self) except *:
+    cdef int finish_file(self) except -1:
         cdef bytes tail = self.local_file.tail
         if not self.body_hooks:
             self.client.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
@@ -854,16 +876,18 @@ cdef class Exchange(UpstreamConsumer):
             self.file_piece(tail)
         self.response_complete()
         self.client.flush()
+        return 0
 
-    cdef void file_shrunk(self) except *:
+    cdef int file_shrunk(self) except -1:
         """The file ended before the length its head promised: the client can only learn
         that from the connection closing before it."""
         self.local_file.file.stale = True  # the next request looks at it again
         self.local_file = None
         self.client.core.report_error(RuntimeError("file shrank while it was sent; connection closed"))
         self.client.abort()
+        return 0
 
-    cdef void fail(self, int status, str reason=None) except *:
+    cdef int fail(self, int status, str reason=None) except -1:
         """A client error found while reading the request: answer and close. `reason`
         goes to the error log (a default by status when None)."""
         self.end_pause()  # a paused request refused (413, 408) is over
@@ -872,14 +896,15 @@ cdef class Exchange(UpstreamConsumer):
         self.local_file = None
         self.close_after = True
         self.client.refuse(self, reason)
+        return 0
 
     cdef str log_protocol(self):
         if self.protocol is not None:
             return self.protocol.decode()
         return "HTTP/1.1" if self.http11 else "HTTP/1.0"
 
-    cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
-                            Py_ssize_t first, Py_ssize_t end) except *:
+    cdef int response_head(self, UpstreamConnection conn, int status, bytes raw,
+                           Py_ssize_t first, Py_ssize_t end) except -1:
         """The upstream's response head is raw[:end]; its header lines start at `first`."""
         cdef WorkerCore core = self.client.core
         cdef ByteWriter out = core.head_writer
@@ -932,9 +957,10 @@ cdef class Exchange(UpstreamConsumer):
             out.add(self.connection_line())
         out.add(CRLF)
         self.client.write(out.take())
+        return 0
 
-    cdef void interim_response(self, UpstreamConnection conn, int status, bytes raw,
-                               Py_ssize_t first, Py_ssize_t end) except *:
+    cdef int interim_response(self, UpstreamConnection conn, int status, bytes raw,
+                              Py_ssize_t first, Py_ssize_t end) except -1:
         """A 1xx (102, 103, ...) before the response, relayed as received minus its
         hop-by-hop headers; raw[first:end] are its header lines."""
         cdef ByteWriter out = self.client.core.head_writer
@@ -943,15 +969,17 @@ cdef class Exchange(UpstreamConsumer):
         conn.copy_head(raw, first, end, None, True, out)
         out.add(CRLF)
         self.client.write(out.take())
+        return 0
 
-    cdef void response_body(self, bytes data) except *:
+    cdef int response_body(self, bytes data) except -1:
         if self.body_hooks:
             data = run_response_body(self.route.response_body_filters, self, data, False)
             if PyBytes_GET_SIZE(data) == 0:
-                return  # an empty chunk would end a chunked body
+                return 0  # an empty chunk would end a chunked body
         self.write_body(data)
+        return 0
 
-    cdef void write_body(self, bytes data) except *:
+    cdef int write_body(self, bytes data) except -1:
         cdef ClientConnection client = self.client
         if self.frame == FRAME_CHUNKED:
             client.write(chunk_header(len(data)))
@@ -959,8 +987,9 @@ cdef class Exchange(UpstreamConsumer):
             client.write(CRLF)
         elif self.frame != FRAME_NONE:
             client.write(data)
+        return 0
 
-    cdef void response_complete(self) except *:
+    cdef int response_complete(self) except -1:
         cdef bytes rest
         if self.body_hooks:
             self.body_hooks = False  # end of stream: a codec's trailer
@@ -973,6 +1002,7 @@ cdef class Exchange(UpstreamConsumer):
             self.upstream_time = self.client.core.now - self.upstream_start
         self.response_done = True
         self.client.exchange_done(self)
+        return 0
 
 
 cdef inline int crlfcrlf_step(int matched, char c) noexcept:
@@ -992,6 +1022,7 @@ cdef inline bint fits(list pieces, Py_ssize_t limit):
     return True
 
 
+@cython.final
 cdef class ClientConnection:
     cdef WorkerCore core
     cdef object transport
@@ -1039,7 +1070,7 @@ cdef class ClientConnection:
                 and not self.queue and self.tunnel is None and not self.upgraded
                 and not self.parse_failed and self.held is None and self.chunk_phase == CHUNK_SIZE)
 
-    cdef void forget(self) except *:
+    cdef int forget(self) except -1:
         """Back to the state of a new object, keeping the parser (reset) and its bound methods."""
         llhttp_reset(llhttp_state(self.parser))
         self.transport = self.write_one = self.write_many = None
@@ -1057,12 +1088,14 @@ cdef class ClientConnection:
         self.chunk_size = self.chunk_left = self.trailer_line = 0
         self.chunk_ext = self.closing = self.write_paused = self.parse_failed = self.upgraded = False
         self.fd = self.send_capacity = 0
+        return 0
 
-    cdef void new_parser(self) except *:
+    cdef int new_parser(self) except -1:
         self.parser = HttpRequestParser(self)
         self.feed = self.parser.feed_data
         self.get_method = self.parser.get_method
         self.should_keep_alive = self.parser.should_keep_alive
+        return 0
 
     # -- asyncio protocol -------------------------------------------------------
 
@@ -1091,19 +1124,19 @@ cdef class ClientConnection:
         except Exception as exc:
             self.internal_error(exc)
 
-    cdef void receive(self, bytes data) except *:
+    cdef int receive(self, bytes data) except -1:
         cdef Exchange ex
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
-            return
+            return 0
         if self.upgraded:
             if self.tunnel_pending is not None:
                 self.tunnel_pending.append(data)
-            return
+            return 0
         if self.closing or self.parse_failed:
-            return
+            return 0
         if not self.begin_read(data):
-            return
+            return 0
         try:
             self.feed(data)
         except HttpParserUpgrade as exc:
@@ -1123,6 +1156,7 @@ cdef class ClientConnection:
         if ex is not None:
             ex.flush_upstream()
         self.flush()
+        return 0
 
     def eof_received(self):
         self.core.now = monotonic()
@@ -1316,19 +1350,20 @@ cdef class ClientConnection:
             except Exception as exc:
                 self.internal_error(exc)
 
-    cdef void write(self, bytes data) except *:
+    cdef int write(self, bytes data) except -1:
         if self.current is not None:
             self.current.bytes_out += len(data)
         if self.out is None:
             self.out = [data]
         else:
             self.out.append(data)
+        return 0
 
-    cdef void flush(self) except *:
+    cdef int flush(self) except -1:
         cdef list out = self.out
         cdef ByteWriter joined
         if out is None or self.write_one is None:  # nothing to write, or the connection is gone
-            return
+            return 0
         self.out = None
         if len(out) == 1:
             self.write_one(<bytes>out[0])
@@ -1341,23 +1376,27 @@ cdef class ClientConnection:
             self.write_one(joined.take())
         else:
             self.write_many(out)  # one writev, no copy of the body into a joined buffer
+        return 0
 
-    cdef void pause_reading(self, int reason) except *:
+    cdef int pause_reading(self, int reason) except -1:
         if self.paused == 0 and not self.closing:
             self.transport.pause_reading()
         self.paused |= reason
+        return 0
 
-    cdef void resume_reading(self, int reason) except *:
+    cdef int resume_reading(self, int reason) except -1:
         if self.paused & reason:
             self.paused &= ~reason
             if self.paused == 0 and not self.closing:
                 self.transport.resume_reading()
+        return 0
 
-    cdef void set_timer(self, int kind, double timeout) except *:
+    cdef int set_timer(self, int kind, double timeout) except -1:
         self.timer = kind
         self.deadline = 0 if kind == TIMER_NONE else self.core.now + timeout
+        return 0
 
-    cdef void timed_out(self) except *:
+    cdef int timed_out(self) except -1:
         cdef int kind = self.timer
         cdef Exchange ex = self.current
         self.set_timer(TIMER_NONE, 0)
@@ -1369,8 +1408,9 @@ cdef class ClientConnection:
         else:
             self.abort()
         self.flush()
+        return 0
 
-    cdef void record(self, Exchange ex) except *:
+    cdef int record(self, Exchange ex) except -1:
         cdef double total = self.core.now - ex.started_at
         cdef WorkerCore core = self.core
         core.metrics.request_done(ex.route.metric_id if ex.route is not None else -1,
@@ -1381,8 +1421,9 @@ cdef class ClientConnection:
             run_log(ex.route.log_filters, ex)
         if ex.slots is not None or ex.filter_state:
             ex.finished()
+        return 0
 
-    cdef void exchange_done(self, Exchange ex) except *:
+    cdef int exchange_done(self, Exchange ex) except -1:
         """The response to `ex` is complete: log it, then go on to the next request."""
         cdef Exchange nxt
         self.record(ex)
@@ -1395,7 +1436,7 @@ cdef class ClientConnection:
         self.current = None
         if ex.close_after or self.closing:
             self.close()
-            return
+            return 0
         if self.upgraded:
             # the upstream declined the upgrade: the bytes held after the request are plain
             # HTTP after all, parsed below once this exchange is done with
@@ -1419,8 +1460,9 @@ cdef class ClientConnection:
         if self.held is not None and not self.queue and not self.closing:
             held, self.held = self.held, None
             self.receive(held)  # the requests read past the full queue, in their turn
+        return 0
 
-    cdef void hold(self, bytes data, Py_ssize_t stop) except *:
+    cdef int hold(self, bytes data, Py_ssize_t stop) except -1:
         """The pipelining queue is full and parsing stopped at data[stop]: keep the rest
         unparsed (a client costs the queue plus PIPELINE_HELD bytes, not all it sent)."""
         cdef Py_ssize_t rest = len(data) - stop
@@ -1432,8 +1474,9 @@ cdef class ClientConnection:
             (<Exchange>self.queue[len(self.queue) - 1]).close_after = True
         elif rest > 0:
             self.held = data[stop:]
+        return 0
 
-    cdef void refuse(self, Exchange ex, str reason) except *:
+    cdef int refuse(self, Exchange ex, str reason) except -1:
         """A request we will not read further: the parser's state can no longer be trusted,
         so nothing after it is read and the connection closes after the answer."""
         cdef str version
@@ -1457,11 +1500,12 @@ cdef class ClientConnection:
         else:
             ex.request_done = True
             ex.head_done = True  # answered when its turn comes
+        return 0
 
-    cdef void parse_error(self, exc) except *:
+    cdef int parse_error(self, exc) except -1:
         cdef Exchange ex
         if self.parse_failed or self.closing:
-            return  # already answered from a callback
+            return 0  # already answered from a callback
         ex = self.parsing if self.parsing is not None else self.begin_exchange()
         if isinstance(exc, HttpParserCallbackError) and not isinstance(exc.__context__, _StopRequest):
             self.core.report_error(exc.__context__)
@@ -1470,15 +1514,16 @@ cdef class ClientConnection:
             ex.supported_version(self.parser.get_http_version())  # HTTP/3.0 ...: 505
         else:
             ex.fail(400, "invalid request: %s" % exc)
+        return 0
 
-    cdef void head_pending(self, Exchange ex, bytes data) except *:
+    cdef int head_pending(self, Exchange ex, bytes data) except -1:
         """A read ended inside the head of `ex`."""
         cdef const char *p = PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data), i
         self.head_raw += n
         if self.head_raw > self.core.max_header_size + self.core.max_uri_size:
             ex.fail(414 if ex.url is not None and len(ex.url) > self.core.max_uri_size else 431)
-            return
+            return 0
         # how much of the head's final CRLFCRLF the bytes so far end with, for head_end:
         # the last three bytes tell (a shorter read goes on from the previous count)
         i = n - 3 if n > 3 else 0
@@ -1490,6 +1535,7 @@ cdef class ClientConnection:
             # a line of the head is complete, so llhttp has read the version: answer now
             # what it accepts and we do not serve (an HTTP/0.9 client would wait forever)
             ex.supported_version(self.parser.get_http_version())
+        return 0
 
     cdef bint begin_read(self, bytes data) except -1:
         """Before `data` is parsed: note where requests are in it; between requests,
@@ -1617,13 +1663,13 @@ cdef class ClientConnection:
                     self.chunk_ext = True  # ';' of an extension, or the CR
         return UNTRACKED
 
-    cdef void request_ended(self, Exchange ex) except *:
+    cdef int request_ended(self, Exchange ex) except -1:
         """The request `ex` has been read: find where it ends in this read and check the
         gap after it."""
         cdef Py_ssize_t end
         if ex.conn_upgrade and self.parser.should_upgrade():
             self.gap = GAP_LINE  # httptools stops here; what follows is parsed from here
-            return
+            return 0
         if ex.chunked_in:
             end = self.chunked_end
         else:
@@ -1633,8 +1679,9 @@ cdef class ClientConnection:
         else:  # cannot happen: but a lost position must not refuse good requests
             self.msg_start = UNTRACKED
             self.gap = GAP_UNKNOWN
+        return 0
 
-    cdef void upgrade_requested(self, bytes rest) except *:
+    cdef int upgrade_requested(self, bytes rest) except -1:
         """httptools stopped after a request with Connection: upgrade. Only websocket
         becomes a tunnel; for any other protocol the request is answered as plain HTTP
         and the connection closed, so nothing can tunnel past the proxy's rules."""
@@ -1647,8 +1694,9 @@ cdef class ClientConnection:
             self.pause_reading(PAUSE_PIPELINE)
         elif rest:
             self.receive(rest)  # httptools has resumed: what follows is plain HTTP again
+        return 0
 
-    cdef void start_tunnel(self, UpstreamConnection conn, bytes rest) except *:
+    cdef int start_tunnel(self, UpstreamConnection conn, bytes rest) except -1:
         cdef Exchange ex = self.current
         cdef list pending = self.tunnel_pending
         self.tunnel = conn
@@ -1662,14 +1710,15 @@ cdef class ClientConnection:
         self.flush()
         if pending:
             conn.transport.writelines(pending)
+        return 0
 
-    cdef void internal_error(self, exc) except *:
+    cdef int internal_error(self, exc) except -1:
         """A bug must cost one request, never the worker: 500 if we still can, else close."""
         cdef Exchange ex = self.current
         self.core.report_error(exc)
         if ex is None or ex.response_started or self.closing:
             self.abort()
-            return
+            return 0
         if ex.upstream is not None:
             ex.upstream.close()
             ex.upstream = None
@@ -1683,17 +1732,20 @@ cdef class ClientConnection:
             self.flush()
         except Exception:
             self.abort()
+        return 0
 
-    cdef void tunnel_to_client(self, bytes data) except *:
+    cdef int tunnel_to_client(self, bytes data) except -1:
         self.transport.write(data)
+        return 0
 
-    cdef void drain(self) except *:
+    cdef int drain(self) except -1:
         """The worker is draining: an idle connection is closed at its idle deadline or
         the drain deadline, whichever is first; a busy one closes after its response."""
         if self.current is None and self.tunnel is None and self.timer == TIMER_IDLE:
             self.deadline = min(self.deadline, self.core.drain_deadline)
+        return 0
 
-    cdef void close(self) except *:
+    cdef int close(self) except -1:
         if not self.closing:
             self.closing = True
             self.flush()
@@ -1708,13 +1760,16 @@ cdef class ClientConnection:
                 self.set_timer(TIMER_LINGER, LINGER_TIMEOUT)
             else:
                 self.transport.close()
+        return 0
 
-    cdef void close_now(self) except *:
+    cdef int close_now(self) except -1:
         self.flush()
         self.closing = True
         self.transport.close()
+        return 0
 
-    cdef void abort(self) except *:
+    cdef int abort(self) except -1:
         self.closing = True
         self.out = None
         self.transport.abort()
+        return 0

@@ -119,7 +119,7 @@ cdef class Subrequest(UpstreamConsumer):
 
     # -- UpstreamConsumer -------------------------------------------------------------------
 
-    cdef void upstream_ready(self, UpstreamConnection conn) except *:
+    cdef int upstream_ready(self, UpstreamConnection conn) except -1:
         cdef list out
         if self.whole_body is not None:
             out = [self.head, self.whole_body] if self.whole_body else [self.head]
@@ -130,21 +130,24 @@ cdef class Subrequest(UpstreamConsumer):
         conn.send(out)
         if self.request_done:
             conn.await_response()
+        return 0
 
-    cdef void upstream_failed(self, int status) except *:
+    cdef int upstream_failed(self, int status) except -1:
         self.status = status
         self.finish(SUB_FAILED)
+        return 0
 
     cdef int response_cut(self) except -1:
         self.finish(SUB_FAILED)
         return 0
 
-    cdef void response_head(self, UpstreamConnection conn, int status, bytes raw,
-                            Py_ssize_t first, Py_ssize_t end) except *:
+    cdef int response_head(self, UpstreamConnection conn, int status, bytes raw,
+                           Py_ssize_t first, Py_ssize_t end) except -1:
         self.response_started = True
         self.status = status
+        return 0
 
-    cdef void response_body(self, bytes data) except *:
+    cdef int response_body(self, bytes data) except -1:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data), take
         self.body_size += n
         take = min(n, self.max_body - self.body_kept)
@@ -153,10 +156,12 @@ cdef class Subrequest(UpstreamConsumer):
                 self.body_parts = []
             self.body_parts.append(data if take == n else data[:take])
             self.body_kept += take
+        return 0
 
-    cdef void response_complete(self) except *:
+    cdef int response_complete(self) except -1:
         if not self.finished:
             self.finish(SUB_OK)
+        return 0
 
     cdef bint can_retry(self) noexcept:
         return not self.retried and self.whole_body is not None and self.idempotent

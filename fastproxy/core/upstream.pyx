@@ -85,6 +85,7 @@ cdef inline void unlist_busy(UpstreamPool pool, UpstreamConnection conn) noexcep
     conn.busy_prev = conn.busy_next = None
 
 
+@cython.final
 cdef class UpstreamPool:
     cdef WorkerCore core
     cdef readonly str name
@@ -117,7 +118,7 @@ cdef class UpstreamPool:
         self.read_timeout = upstream.read_timeout
         self.send_timeout = upstream.send_timeout
 
-    cdef void acquire(self, UpstreamConsumer ex, bint fresh) except *:
+    cdef int acquire(self, UpstreamConsumer ex, bint fresh) except -1:
         """Attach a connection to `ex`: an idle one to the next server in round-robin
         order if there is one, else a new connection."""
         cdef int n = len(self.hosts)
@@ -133,10 +134,11 @@ cdef class UpstreamPool:
                 if conn.state == UP_IDLE:
                     conn.attach(ex)
                     ex.upstream_ready(conn)
-                    return
+                    return 0
         self.connect(ex, server, n)
+        return 0
 
-    cdef void connect(self, UpstreamConsumer ex, int server, int attempts_left) except *:
+    cdef int connect(self, UpstreamConsumer ex, int server, int attempts_left) except -1:
         cdef UpstreamConnection conn = UpstreamConnection(self, server)
         conn.attach(ex)
         conn.state = UP_CONNECTING
@@ -145,8 +147,9 @@ cdef class UpstreamPool:
             conn._protocol, self.hosts[server], self.ports[server]))
         conn.connect_task.add_done_callback(conn._connect_done)
         conn.wait_for(WAIT_CONNECT, self.connect_timeout)
+        return 0
 
-    cdef void release(self, UpstreamConnection conn) except *:
+    cdef int release(self, UpstreamConnection conn) except -1:
         """Back to the idle list after a complete exchange. The surplus over `keepalive`
         is closed by a later sweep rather than at once: under load, responses finish in
         bursts and a connection closed now would be reopened a moment later."""
@@ -154,14 +157,15 @@ cdef class UpstreamPool:
         unlist_busy(self, conn)
         if self.keepalive == 0 or self.core.draining:
             conn.close()
-            return
+            return 0
         conn.state = UP_IDLE
         conn.idle_at = self.core.now
         conn.deadline = conn.idle_at + self.keepalive_timeout
         (<list>self.idle[conn.server]).append(conn)
         self.idle_count += 1
+        return 0
 
-    cdef void expire_busy(self, double now) except *:
+    cdef int expire_busy(self, double now) except -1:
         """Time out the busy connections whose deadline has passed."""
         cdef list expired = None
         cdef UpstreamConnection conn = self.busy
@@ -174,14 +178,16 @@ cdef class UpstreamPool:
         for conn in expired or ():
             if conn.listed and conn.deadline and conn.deadline <= now:
                 conn.timed_out()  # an earlier one's failure may have closed it: looked at again
+        return 0
 
-    cdef void forget_idle(self, UpstreamConnection conn) except *:
+    cdef int forget_idle(self, UpstreamConnection conn) except -1:
         cdef list idle = <list>self.idle[conn.server]
         if conn in idle:
             idle.remove(conn)
             self.idle_count -= 1
+        return 0
 
-    cdef void expire_idle(self, double now, double unused_since) except *:
+    cdef int expire_idle(self, double now, double unused_since) except -1:
         """Close idle connections past keepalive_timeout, then, least recently used first,
         those beyond `keepalive` that nobody took since `unused_since` (the previous
         sweep): a surplus still in use under load is kept."""
@@ -197,13 +203,15 @@ cdef class UpstreamPool:
             if conn.idle_at > unused_since:
                 break
             conn.close()
+        return 0
 
-    cdef void close_all(self) except *:
+    cdef int close_all(self) except -1:
         cdef list idle
         cdef UpstreamConnection conn
         for idle in self.idle:
             for conn in list(idle):
                 conn.close()
+        return 0
 
 
 cdef inline bint passes_to_client(int kind) noexcept:
@@ -214,6 +222,7 @@ cdef inline bint passes_to_client(int kind) noexcept:
                 or kind == H_TRANSFER_ENCODING or kind == H_SERVER or kind == H_X_REQUEST_ID)
 
 
+@cython.final
 cdef class UpstreamConnection:
     cdef UpstreamPool pool
     cdef int server
@@ -269,17 +278,18 @@ cdef class UpstreamConnection:
         except Exception as exc:
             self.internal_error(exc)
 
-    cdef void connect_done(self, object task) except *:
+    cdef int connect_done(self, object task) except -1:
         self.connect_task = None
         if self.state == UP_CLOSED:
-            return  # closed on purpose (its client left) while connecting
+            return 0  # closed on purpose (its client left) while connecting
         if task.cancelled():
             self.connect_failed(UPSTREAM_TIMEOUT, "connect_timeout (%gs) expired after %.1fs" % (
                 self.pool.connect_timeout, self.pool.core.now - self.wait_since))
         elif task.exception() is not None:
             self.connect_failed(UPSTREAM_CONNECT, "connect failed: %s" % task.exception())
+        return 0
 
-    cdef void connect_failed(self, int kind, str reason) except *:
+    cdef int connect_failed(self, int kind, str reason) except -1:
         cdef UpstreamConsumer ex = self.exchange
         self.state = UP_CLOSED
         unlist_busy(self.pool, self)
@@ -293,26 +303,28 @@ cdef class UpstreamConnection:
                                               reason + "; trying the next server")
             ex.upstream = None
             self.pool.connect(ex, (self.server + 1) % len(self.pool.hosts), self.attempts_left)
-            return
+            return 0
         self.fail_exchange(ex, kind, reason)
+        return 0
 
-    cdef void fail_exchange(self, UpstreamConsumer ex, int kind, str reason) except *:
+    cdef int fail_exchange(self, UpstreamConsumer ex, int kind, str reason) except -1:
         """Count and log a failure of this connection, then tell `ex`: 502/504 while no
         response byte was relayed, else that its response is cut off."""
         self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         if ex is None or ex.aborted:
-            return
+            return 0
         ex.upstream = None
         self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
         if ex.response_started:
             ex.response_cut()
         else:
             ex.upstream_failed(504 if kind == UPSTREAM_TIMEOUT else 502)
+        return 0
 
     cdef str address(self):
         return (<bytes>self.pool.addr_bytes[self.server]).decode()
 
-    cdef void attach(self, UpstreamConsumer ex) except *:
+    cdef int attach(self, UpstreamConsumer ex) except -1:
         self.exchange = ex
         list_busy(self.pool, self)
         ex.upstream = self
@@ -326,6 +338,7 @@ cdef class UpstreamConnection:
         self.stop_waiting()  # a pooled connection's idle deadline is not this exchange's
         if self.state == UP_IDLE:
             self.state = UP_BUSY
+        return 0
 
     cdef void forget_response_headers(self) noexcept:
         self.resp_server = None
@@ -357,13 +370,14 @@ cdef class UpstreamConnection:
 
     # -- asyncio protocol -------------------------------------------------------
 
-    cdef void internal_error(self, exc) except *:
+    cdef int internal_error(self, exc) except -1:
         cdef UpstreamConsumer ex = self.exchange
         self.close()
         if ex is not None:
             ex.internal_error(exc)
         else:
             self.pool.core.report_error(exc)
+        return 0
 
     def connection_made(self, transport):
         self.pool.core.now = monotonic()
@@ -372,7 +386,7 @@ cdef class UpstreamConnection:
         except Exception as exc:
             self.internal_error(exc)
 
-    cdef void made(self, object transport) except *:
+    cdef int made(self, object transport) except -1:
         self.transport = transport
         self.write_one = transport.write
         self.write_many = transport.writelines
@@ -382,8 +396,9 @@ cdef class UpstreamConnection:
         if self.exchange is None or self.exchange.aborted:
             self.exchange = None
             self.pool.release(self)  # connected for a client that left: keep it for the next
-            return
+            return 0
         self.exchange.upstream_ready(self)
+        return 0
 
     def data_received(self, data):
         self.pool.core.now = monotonic()
@@ -392,15 +407,15 @@ cdef class UpstreamConnection:
         except Exception as exc:
             self.internal_error(exc)
 
-    cdef void receive(self, object data) except *:
+    cdef int receive(self, object data) except -1:
         """One read: bytes, or a view of the worker's read buffer while a body streams."""
         cdef UpstreamConsumer ex = self.exchange
         if ex is None or self.state != UP_BUSY:
             if self.state == UP_TUNNEL and ex is not None:
                 ex.tunnel_data(data)
-                return
+                return 0
             self.unsolicited(data)
-            return
+            return 0
         if not self.response_head_seen:
             if self.body_reader is not None:
                 data = bytes(data)  # the head is kept across reads: not a view of the buffer
@@ -427,20 +442,23 @@ cdef class UpstreamConnection:
                     and (self.resp_length > LONG_BODY or self.body_relayed > LONG_BODY):
                 self.read_body_into_buffer(True)
         ex.read_done()  # one write for everything this read produced
+        return 0
 
-    cdef void callback_failed(self, object cause) except *:
+    cdef int callback_failed(self, object cause) except -1:
         if isinstance(cause, _BadResponse):
             self.protocol_error(cause.args[0])
         else:
             self.internal_error(cause)
+        return 0
 
-    cdef void unsolicited(self, object data) except *:
+    cdef int unsolicited(self, object data) except -1:
         """Bytes while no request is outstanding: the connection cannot be trusted."""
         if self.state == UP_IDLE:
             self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
             self.pool.core.log_upstream_error(None, self.pool.name, self.address(),
                                               "sent %d bytes while idle; connection closed" % len(data))
         self.close()
+        return 0
 
     def eof_received(self):
         return False
@@ -452,7 +470,7 @@ cdef class UpstreamConnection:
         except Exception as error:
             self.internal_error(error)
 
-    cdef void lost(self, object exc) except *:
+    cdef int lost(self, object exc) except -1:
         cdef UpstreamConsumer ex = self.exchange
         cdef int previous = self.state
         self.state = UP_CLOSED
@@ -460,18 +478,18 @@ cdef class UpstreamConnection:
         self.drop_references()
         if previous == UP_IDLE:
             self.pool.forget_idle(self)
-            return
+            return 0
         self.exchange = None
         if ex is None or ex.aborted:
-            return
+            return 0
         if previous == UP_TUNNEL:
             ex.tunnel_closed()
-            return
+            return 0
         if ex.response_started and not self.resp_has_length and not self.resp_chunked:
             # a body with neither length nor chunking ends when the upstream closes
             ex.upstream = None
             ex.response_complete()
-            return
+            return 0
         if not self.got_bytes and self.requests > 0 and ex.can_retry():
             # a kept-alive connection the upstream closed as we reused it: the request
             # never reached it, so send it again on a new connection
@@ -479,10 +497,11 @@ cdef class UpstreamConnection:
             ex.upstream = None
             ex.retried = True
             self.pool.acquire(ex, True)
-            return
+            return 0
         self.fail_exchange(ex, UPSTREAM_RESET,
                            "connection lost: %s" % exc if exc is not None else
                            "closed the connection before the response was complete")
+        return 0
 
     def pause_writing(self):
         self.pool.core.now = monotonic()
@@ -562,13 +581,14 @@ cdef class UpstreamConnection:
 
     # -- helpers ----------------------------------------------------------------
 
-    cdef void new_parser(self) except *:
+    cdef int new_parser(self) except -1:
         self.parser = HttpResponseParser(self)
         self.feed = self.parser.feed_data
         self.status_code = self.parser.get_status_code
         self.keep_alive = self.parser.should_keep_alive
+        return 0
 
-    cdef void drop_references(self) except *:
+    cdef int drop_references(self) except -1:
         """The parser, the transport's bound methods and a BodyReader refer back to us:
         break the cycles."""
         self.parser = self.feed = self.status_code = self.keep_alive = None
@@ -576,9 +596,10 @@ cdef class UpstreamConnection:
         if self.body_reader is not None:
             self.body_reader.conn = None
             self.body_reader = None
+        return 0
 
-    cdef void copy_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end, tuple removed,
-                        bint keep_length, ByteWriter out) except *:
+    cdef int copy_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end, tuple removed,
+                       bint keep_length, ByteWriter out) except -1:
         """Note the header lines in raw[pos:end] the proxy acts on and copy the others,
         verbatim, to `out`, but those with a name in `removed` (lower-case, or None), and
         Content-Length unless `keep_length` (the framing decision: ResponseHead.drop_length)."""
@@ -589,9 +610,10 @@ cdef class UpstreamConnection:
             out.size = mark
             self.scan_head(raw, pos, end, joined(removed, tuple(self.resp_conn_drop)),
                            keep_length, out)
+        return 0
 
-    cdef void scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
-                        tuple drop, bint keep_length, ByteWriter out) except *:
+    cdef int scan_head(self, bytes raw, Py_ssize_t pos, Py_ssize_t end,
+                       tuple drop, bint keep_length, ByteWriter out) except -1:
         cdef const char *p = PyBytes_AS_STRING(raw)
         cdef const char *colon
         cdef const char *nl
@@ -624,8 +646,9 @@ cdef class UpstreamConnection:
             pos = eol + 1
         if run >= 0:
             out.add_raw(p + run, end - run)
+        return 0
 
-    cdef void note_header(self, int kind, const char *value, Py_ssize_t n) except *:
+    cdef int note_header(self, int kind, const char *value, Py_ssize_t n) except -1:
         if kind == H_CONTENT_LENGTH:
             self.resp_has_length = True
             self.resp_length = parse_length(value, n)
@@ -642,8 +665,9 @@ cdef class UpstreamConnection:
             self.resp_upgrade = PyBytes_FromStringAndSize(value, n)
         elif kind == H_TRANSFER_ENCODING:
             self.resp_chunked = ends_with_chunked(value, n)
+        return 0
 
-    cdef void read_body_into_buffer(self, bint on) except *:
+    cdef int read_body_into_buffer(self, bint on) except -1:
         """Switch the transport to (on) or back from BodyReader; see its docstring."""
         if on:
             self.body_reader = BodyReader.__new__(BodyReader)
@@ -653,6 +677,7 @@ cdef class UpstreamConnection:
             self.body_reader.conn = None
             self.body_reader = None
             self.transport.set_protocol(self)
+        return 0
 
     cdef object body_buffer(self):
         """Where BodyReader's next read goes: as much of the worker's read buffer as the
@@ -665,7 +690,7 @@ cdef class UpstreamConnection:
             return self.pool.core.read_view
         return self.pool.core.read_view[:max(room, BODY_READ_MIN)]
 
-    cdef void response_complete(self) except *:
+    cdef int response_complete(self) except -1:
         cdef UpstreamConsumer ex = self.exchange
         # with request bytes still buffered, the upstream answered before reading them all:
         # sent later, they would be read as the next request
@@ -680,8 +705,9 @@ cdef class UpstreamConnection:
             self.close()
         ex.upstream = None
         ex.response_complete()
+        return 0
 
-    cdef void protocol_error(self, str reason) except *:
+    cdef int protocol_error(self, str reason) except -1:
         """The upstream broke HTTP: the connection is closed, never reused. A response
         already complete still reaches the client; otherwise 502 (or a cut-off body)."""
         cdef UpstreamConsumer ex = self.exchange
@@ -689,13 +715,14 @@ cdef class UpstreamConnection:
         self.close()
         if not self.response_done:
             self.fail_exchange(ex, UPSTREAM_RESET, reason)
-            return
+            return 0
         self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
         self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
         ex.upstream = None
         ex.response_complete()
+        return 0
 
-    cdef void upgraded(self, bytes rest) except *:
+    cdef int upgraded(self, bytes rest) except -1:
         """The upstream answered 101: from here on both sides are an opaque tunnel."""
         cdef UpstreamConsumer ex = self.exchange
         self.state = UP_TUNNEL
@@ -703,14 +730,16 @@ cdef class UpstreamConnection:
         if self.body_reader is not None:
             self.read_body_into_buffer(False)  # tunnel bytes are written on, not parsed
         ex.tunnel_started(self, rest)
+        return 0
 
-    cdef void send(self, list out) except *:
+    cdef int send(self, list out) except -1:
         if len(out) == 1:
             self.write_one(<bytes>out[0])
         else:
             self.write_many(out)  # one writev, no copy into a joined buffer
+        return 0
 
-    cdef void pause(self) except *:
+    cdef int pause(self) except -1:
         """The client's write buffer is over its high-water mark: stop reading (its
         send_timeout applies, not our read_timeout); from now on until this response ends,
         read no more than the client has room for (BodyReader)."""
@@ -721,15 +750,17 @@ cdef class UpstreamConnection:
             self.transport.pause_reading()
             if self.body_reader is None and self.state == UP_BUSY:
                 self.read_body_into_buffer(True)
+        return 0
 
-    cdef void resume(self) except *:
+    cdef int resume(self) except -1:
         if self.read_paused and self.transport is not None:
             self.read_paused = False
             if self.state == UP_BUSY and self.exchange is not None and self.exchange.request_done:
                 self.await_response()
             self.transport.resume_reading()
+        return 0
 
-    cdef void timed_out(self) except *:
+    cdef int timed_out(self) except -1:
         cdef UpstreamConsumer ex = self.exchange
         cdef double waited = self.pool.core.now - self.wait_since
         cdef Py_ssize_t untaken
@@ -737,14 +768,14 @@ cdef class UpstreamConnection:
         if self.state == UP_CONNECTING:
             if self.connect_task is not None:
                 self.connect_task.cancel()  # _connect_done reports the timeout
-            return
+            return 0
         if self.waiting == WAIT_SEND:
             untaken = self.untaken()
             if untaken < self.blocked_size:
                 # the upstream took part of the request since we last looked: slow, not stuck
                 self.blocked_size = untaken
                 self.wait_for(WAIT_SEND, self.pool.send_timeout)
-                return
+                return 0
             reason = "send_timeout (%gs) expired: the upstream took none of the request for %.1fs" % (
                 self.pool.send_timeout, waited)
         elif self.got_bytes:
@@ -756,6 +787,7 @@ cdef class UpstreamConnection:
         self.exchange = None
         self.close()
         self.fail_exchange(ex, UPSTREAM_TIMEOUT, reason)
+        return 0
 
     cdef Py_ssize_t untaken(self) except -1:
         """Request bytes the upstream has not acknowledged: in our write buffer and in the
@@ -765,7 +797,7 @@ cdef class UpstreamConnection:
         return self.transport.get_write_buffer_size() + (
             socket_queued(sock.fileno()) if sock is not None else 0)
 
-    cdef void close(self) except *:
+    cdef int close(self) except -1:
         if self.state == UP_IDLE:
             self.pool.forget_idle(self)
         self.state = UP_CLOSED
@@ -774,3 +806,4 @@ cdef class UpstreamConnection:
             self.connect_task.cancel()
         if self.transport is not None:
             self.transport.abort()
+        return 0
