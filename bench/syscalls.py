@@ -1,10 +1,11 @@
 """System calls per request of one fastproxy worker and one nginx worker, counted with strace.
 
-    python -m bench.syscalls [--scenarios new-conn,conn-10] [--tree PATH] [--requests 1000]
+    python -m bench.syscalls [--scenarios new-conn,conn-10] [--tree PATH] [--requests 1000] [--clients 1]
 
-For each scenario (a plain GET, as bench.callgrind runs them) each proxy runs with one worker
-in front of the same small origin; strace -c attaches to the worker, one client sends
-`requests` requests (a new connection per request when the scenario sends Connection: close,
+For each scenario (a plain GET, as bench.callgrind runs them; the static ones get the files
+they serve and their config snippets) each proxy runs with one worker in front of the same
+small origin; strace -c attaches to the worker, `clients` clients send
+`requests` requests between them (a new connection per request when the scenario sends Connection: close,
 else one per `per_conn` requests), and the table shows each system call per request, side by
 side. Counts, not times: strace slows every call alike, so its timings say little.
 """
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,18 +27,41 @@ from typing import List, Optional
 from bench.callgrind import Origin, send_requests, wait_ready
 from bench.measure import tree_pids
 from bench.scenarios import BY_NAME, Scenario
-from bench.targets import HERE, free_port, render
+from bench.targets import HERE, fill, free_port, render
 
 STOP_TIMEOUT = 10.0
+STATIC_FILES = {"16k": 16384, "1m": 1 << 20}  # what the static scenarios fetch (bench.targets.Origin)
 
 
-def count_calls(worker: int, scenario: Scenario, port: int, n: int, workdir: Path) -> Counter:
+def snippet(scenario: Scenario, config: str, workdir: Path) -> str:
+    """The scenario's addition to `config`, its files written to `workdir`/www (as the bench
+    targets do, without their nginx origin)."""
+    if not scenario.snippets:
+        return ""
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    for name, size in STATIC_FILES.items():
+        (www / name).write_bytes(b"x" * size)
+    return fill((HERE / "configs" / scenario.snippets / config).read_text().rstrip("\n"), www=www)
+
+
+def send_concurrently(port: int, scenario: Scenario, n: int, clients: int) -> None:
+    """`n` requests from `clients` clients at once (a client's socket then fills, as under load)."""
+    threads = [threading.Thread(target=send_requests, args=(port, scenario, n // clients + (i < n % clients)))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def count_calls(worker: int, scenario: Scenario, port: int, n: int, clients: int, workdir: Path) -> Counter:
     out = workdir / "strace.out"
     strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(worker)],
                               stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)  # strace has attached (it prints nothing to wait on)
-        send_requests(port, scenario, n)
+        send_concurrently(port, scenario, n, clients)
         time.sleep(0.5)  # the last close is handled
     finally:
         strace.send_signal(signal.SIGINT)
@@ -50,39 +75,42 @@ def count_calls(worker: int, scenario: Scenario, port: int, n: int, workdir: Pat
     return calls
 
 
-def run_fastproxy(tree: Path, origin: Origin, scenario: Scenario, n: int, workdir: Path) -> Counter:
+def run_fastproxy(tree: Path, origin: Origin, scenario: Scenario, n: int, clients: int,
+                  workdir: Path) -> Counter:
     port = free_port()
     conf = workdir / "fastproxy.toml"
     conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
-                           origin_port=origin.port, keepalive=16, access_log="off", snippet=""))
+                           origin_port=origin.port, keepalive=16, access_log="off",
+                           snippet=snippet(scenario, "fastproxy.toml", workdir)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "fastproxy", "-c", str(conf)], cwd=workdir, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    return _measure(proc, port, scenario, n, workdir)
+    return _measure(proc, port, scenario, n, clients, workdir)
 
 
-def run_nginx(origin: Origin, scenario: Scenario, n: int, workdir: Path) -> Counter:
+def run_nginx(origin: Origin, scenario: Scenario, n: int, clients: int, workdir: Path) -> Counter:
     port = free_port()
     conf = workdir / "nginx.conf"
     for d in ("client_body", "proxy_temp", "logs"):
         (workdir / d).mkdir(exist_ok=True)
     conf.write_text(render("configs/nginx.conf", dir=workdir, port=port, workers=1,
                            origin_port=origin.port, keepalive=16, access_log="access_log off;",
-                           snippet=""))
+                           snippet=snippet(scenario, "nginx.conf", workdir)))
     proc = subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(conf)], cwd=workdir,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    return _measure(proc, port, scenario, n, workdir)
+    return _measure(proc, port, scenario, n, clients, workdir)
 
 
-def _measure(proc: subprocess.Popen, port: int, scenario: Scenario, n: int, workdir: Path) -> Counter:
+def _measure(proc: subprocess.Popen, port: int, scenario: Scenario, n: int, clients: int,
+             workdir: Path) -> Counter:
     try:
         wait_ready(port, proc)
         workers = [pid for pid in tree_pids(proc.pid) if pid != proc.pid]
         if len(workers) != 1:
             raise RuntimeError(f"expected one worker, found {workers}")
-        return count_calls(workers[0], scenario, port, n, workdir)
+        return count_calls(workers[0], scenario, port, n, clients, workdir)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -98,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--scenarios", default="new-conn,conn-10")
     ap.add_argument("--tree", type=Path, default=HERE.parent, help="the checkout to measure")
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=1, help="clients sending at once")
     args = ap.parse_args(argv)
     for tool in ("strace", "nginx"):
         if not shutil.which(tool):
@@ -108,9 +137,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             s = BY_NAME[name]
             with tempfile.TemporaryDirectory(prefix="fp-strace-") as a, \
                     tempfile.TemporaryDirectory(prefix="fp-strace-") as b:
-                ours = run_fastproxy(args.tree, origin, s, args.requests, Path(a))
-                theirs = run_nginx(origin, s, args.requests, Path(b))
-            print(f"\n{s.name}: system calls per request ({args.requests} requests)\n"
+                ours = run_fastproxy(args.tree, origin, s, args.requests, args.clients, Path(a))
+                theirs = run_nginx(origin, s, args.requests, args.clients, Path(b))
+            print(f"\n{s.name}: system calls per request ({args.requests} requests, "
+                  f"{args.clients} at a time)\n"
                   f"| system call | fastproxy | nginx |\n|---|---|---|")
             for call in sorted(set(ours) | set(theirs), key=lambda c: -(ours[c] + theirs[c])):
                 print(f"| {call} | {ours[call] / args.requests:.2f} | {theirs[call] / args.requests:.2f} |")
