@@ -61,8 +61,11 @@ cdef Py_ssize_t MAX_BUFFERED_BODY = 256 * 1024
 cdef Py_ssize_t PIPELINE_DEPTH = 32
 cdef Py_ssize_t PIPELINE_HELD = 16 * 1024
 cdef Py_ssize_t COALESCE_LIMIT = 4096  # client writes up to this size are joined (see flush)
-# A file response (Exchange.send_file): each read or sendfile is at most FILE_PIECE bytes,
-# and one loop callback sends at most FILE_BURST before it lets the other connections run.
+# A file response (Exchange.send_file): each read is at most FILE_PIECE bytes (the memory a
+# response holds), and one loop callback sends at most FILE_BURST before it lets the other
+# connections run. A sendfile call asks for the whole burst: the kernel stops at the socket's
+# free space, and each call costs a system call and, the socket being TCP_NODELAY, a short
+# segment for its last bytes.
 cdef Py_ssize_t FILE_PIECE = 256 * 1024
 cdef Py_ssize_t FILE_BURST = 4 * 1024 * 1024
 
@@ -807,7 +810,7 @@ cdef class Exchange(UpstreamConsumer):
         bytes would pass each other): for the length of the body the transport pauses us as
         soon as it buffers anything and resumes us once it is empty."""
         if not self.body_hooks:
-            self.client.transport.set_write_buffer_limits(0, 0)
+            self.client.set_file_limits(True)
         self.send_file()
         return 0
 
@@ -818,7 +821,7 @@ cdef class Exchange(UpstreamConsumer):
         one piece whatever the file's size."""
         cdef ClientConnection client = self.client
         cdef FileBody body = self.local_file
-        cdef Py_ssize_t budget = FILE_BURST, sent
+        cdef Py_ssize_t budget = FILE_BURST, sent, asked
         cdef bytes piece
         while body is not None and not client.write_paused and not client.closing:
             if body.left == 0:
@@ -835,19 +838,26 @@ cdef class Exchange(UpstreamConsumer):
             if not self.body_hooks and not body.no_sendfile:
                 client.flush()
                 if client.transport.get_write_buffer_size() == 0:
-                    sent = body.send(client.socket_fd(), FILE_PIECE)
-                    if sent > 0:
+                    asked = budget if budget < body.left else <Py_ssize_t>body.left
+                    sent = body.send(client.socket_fd(), asked)
+                    if sent == asked:
                         self.bytes_out += sent
                         budget -= sent
                         continue
-                    if sent == -1:
+                    if sent > 0:
+                        # short: the socket is full (no need to ask again for EAGAIN), or
+                        # the file shrank, which the read below finds
+                        self.bytes_out += sent
+                        budget -= sent
+                    elif sent == -1:
                         self.file_shrunk()
                         return 0
-                    if sent == -2:
-                        self.client.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+                    elif sent == -2:
+                        client.set_file_limits(False)
                         continue
                 # the socket is full: this piece waits in the transport, which resumes us
-                # once it has written it
+                # once it has written it (the transport's buffer is the only way to learn
+                # when the socket takes more)
                 piece = body.read(BODY_READ_MIN)
             else:
                 piece = body.read(FILE_PIECE)
@@ -870,7 +880,7 @@ cdef class Exchange(UpstreamConsumer):
     cdef int finish_file(self) except -1:
         cdef bytes tail = self.local_file.tail
         if not self.body_hooks:
-            self.client.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+            self.client.set_file_limits(False)
         self.local_file = None  # its descriptor may close now
         if PyBytes_GET_SIZE(tail):
             self.file_piece(tail)
@@ -1052,6 +1062,7 @@ cdef class ClientConnection:
     cdef Py_ssize_t chunk_size, chunk_left, trailer_line
     cdef bint chunk_ext
     cdef bint closing, write_paused, parse_failed, upgraded
+    cdef bint file_limits        # write-buffer limits 0/0 while sendfile sends a body (start_file)
     cdef int fd                  # the socket's descriptor, once looked up (see send_room)
     cdef int send_capacity       # its kernel send buffer, as last looked up (see send_room)
     # A field added above must be cleared in forget() too: this object and its parser serve
@@ -1207,7 +1218,8 @@ cdef class ClientConnection:
         self.core.now = monotonic()
         cdef UpstreamConnection source = self.feeding()
         self.write_paused = True
-        self.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)  # see connection_made
+        if not self.file_limits:  # they would make the rest of a file go by read and write
+            self.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)  # see connection_made
         if source is not None:
             source.pause()
         self.set_timer(TIMER_SEND, self.core.send_timeout)
@@ -1333,6 +1345,17 @@ cdef class ClientConnection:
             self.send_capacity = socket_send_capacity(self.fd)
         room = self.send_capacity - queued if self.send_capacity > queued else 0
         return room + CLIENT_HIGH_WATER - self.transport.get_write_buffer_size()
+
+    cdef int set_file_limits(self, bint on) except -1:
+        """Write-buffer limits 0/0 while sendfile sends a body (it needs the transport's
+        buffer empty: pause as soon as it holds anything, resume once it is empty); ours
+        again after."""
+        self.file_limits = on
+        if on:
+            self.transport.set_write_buffer_limits(0, 0)
+        else:
+            self.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+        return 0
 
     cdef int socket_fd(self) except -1:
         if self.fd == 0:
