@@ -30,7 +30,7 @@ _PR_SET_PDEATHSIG = 1
 # wait in the accept queue, a whole turn each: conn-10's long tail. Each listener is served
 # by this many servers on duplicates of its socket, all woken by one epoll_wait, so up to
 # this many connections are accepted per turn; an idle copy costs one accept4 (EAGAIN).
-ACCEPTS_PER_TURN = 8
+ACCEPTS_PER_TURN = 4
 
 
 _M_TRIM_THRESHOLD = -1
