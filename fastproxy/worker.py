@@ -25,13 +25,6 @@ log = logging.getLogger("fastproxy.worker")
 
 _PR_SET_PDEATHSIG = 1
 
-# libuv accepts one connection per wake-up of a listening socket (libuv#3696), so
-# a worker busy with kept-alive clients takes one new connection per loop turn while the rest
-# wait in the accept queue, a whole turn each: conn-10's long tail. Each listener is served
-# by this many servers on duplicates of its socket, all woken by one epoll_wait, so up to
-# this many connections are accepted per turn; an idle copy costs one accept4 (EAGAIN).
-ACCEPTS_PER_TURN = 4
-
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -78,11 +71,9 @@ class Worker:
             self.loop, runtime, ctx.route_ids, ctx.upstream_ids,
             ctx.metrics.writer(ctx.counter_slot), ctx.zones, self.loop.stop, log)
         for listener, sock in zip(runtime.listeners, ctx.listen_sockets):
-            for copy in range(ACCEPTS_PER_TURN):  # drain() closes every copy
-                self.servers.append(self.loop.run_until_complete(
-                    self.loop.create_server(self.core.protocol_factory,
-                                            sock=sock.dup() if copy else sock,
-                                            backlog=listener.backlog)))
+            self.servers.append(self.loop.run_until_complete(
+                self.loop.create_server(self.core.protocol_factory, sock=sock,
+                                        backlog=listener.backlog)))
         if ctx.admin_socket is not None:
             self.admin = self.loop.run_until_complete(
                 start_admin(self.loop, ctx.admin_socket, ctx.metrics))
