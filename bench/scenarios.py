@@ -38,6 +38,19 @@ class Scenario:
     per_connection: int = 0
 
 
+def compressed(coding: str, size: str) -> Scenario:
+    """GET `size` of JSON that each proxy compresses with `coding` (gzip 5, or zstd 3 where only
+    fastproxy can)."""
+    gzip = coding == "gzip"
+    who = "each proxy compresses it with gzip level 5" if gzip else \
+        "fastproxy compresses it with zstd level 3 (nginx and HAProxy: not applicable)"
+    return Scenario(f"{coding}-{size}-json", f"GET {size[:-1]} KiB of JSON with Accept-Encoding: {coding}, "
+                    f"keep-alive, 64 connections; {who}", f"/{size}.json",
+                    headers=(f"Accept-Encoding: {coding}",),
+                    targets=ONE_WORKER if gzip else ("direct", "fastproxy-1w"),
+                    snippets=f"{coding}-16k-json", response_headers=(f"Content-Encoding: {coding}",))
+
+
 SCENARIOS = (
     Scenario("get-100b", "GET 100 B, keep-alive, 64 connections", "/100b",
              targets=ALL_TARGETS),
@@ -61,23 +74,9 @@ SCENARIOS = (
              "headers, removes 1 and sets 2 response headers", "/100b", headers=("X-Debug: 1",),
              snippets="headers-transform",
              response_headers=("X-Frame-Options: DENY", "X-Content-Type-Options: nosniff")),
-    Scenario("gzip-16k-json", "GET 16 KiB of JSON with Accept-Encoding: gzip, keep-alive, 64 connections; "
-             "each proxy compresses it with gzip level 5", "/16k.json", headers=("Accept-Encoding: gzip",),
-             snippets="gzip-16k-json", response_headers=("Content-Encoding: gzip",)),
-    # nginx and HAProxy have no zstd: fastproxy alone (compare its CPU and bytes with the
-    # gzip scenario's nginx figures)
-    Scenario("zstd-16k-json", "GET 16 KiB of JSON with Accept-Encoding: zstd, keep-alive, 64 connections; "
-             "fastproxy compresses it with zstd level 3 (nginx and HAProxy: not applicable)", "/16k.json",
-             headers=("Accept-Encoding: zstd",), targets=("direct", "fastproxy-1w"),
-             snippets="zstd-16k-json", response_headers=("Content-Encoding: zstd",)),
-    # the 16k snippets: the same levels on a larger body
-    Scenario("gzip-64k-json", "GET 64 KiB of JSON with Accept-Encoding: gzip, keep-alive, 64 connections; "
-             "each proxy compresses it with gzip level 5", "/64k.json", headers=("Accept-Encoding: gzip",),
-             snippets="gzip-16k-json", response_headers=("Content-Encoding: gzip",)),
-    Scenario("zstd-64k-json", "GET 64 KiB of JSON with Accept-Encoding: zstd, keep-alive, 64 connections; "
-             "fastproxy compresses it with zstd level 3 (nginx and HAProxy: not applicable)", "/64k.json",
-             headers=("Accept-Encoding: zstd",), targets=("direct", "fastproxy-1w"),
-             snippets="zstd-16k-json", response_headers=("Content-Encoding: zstd",)),
+    # nginx and HAProxy have no zstd: fastproxy alone there (compare its CPU and bytes with the
+    # gzip scenario's nginx figures); the 64k scenarios use the 16k ones' snippets (same levels)
+    *(compressed(coding, size) for size in ("16k", "64k") for coding in ("gzip", "zstd")),
     # files served by the proxy itself from the origin's directory (direct: the origin nginx
     # serving them); HAProxy serves no files: not applicable
     Scenario("static-16k", "GET a 16 KiB file the proxy serves itself, keep-alive, 64 connections",
