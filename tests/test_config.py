@@ -363,6 +363,17 @@ def test_routes(problems):
         "routes[1].upstream: unknown upstream 'app' (no [upstreams.NAME] is defined)"]
 
 
+def test_respond_headers_refuse_what_fastproxy_writes_on_every_response(problems):
+    """A local answer's Server, Date or X-Request-ID would go out next to fastproxy's own."""
+    assert problems(MINIMAL + '[[routes]]\npath = "/a"\nrespond = { status = 200, headers = '
+                    '{ Server = "x", date = "y", "X-Request-ID" = "z", "X-Ok" = "1" } }') == [
+        "routes[1].respond.headers.Server: cannot be set: main.server_header sets it "
+        "(main.pass_server_header keeps the upstream's)",
+        "routes[1].respond.headers.date: cannot be set: fastproxy passes the upstream's Date, or adds one",
+        "routes[1].respond.headers.X-Request-ID: cannot be set: fastproxy sets it (the request id of logs "
+        "and error bodies)"]
+
+
 def test_duplicate_names(problems):
     found = problems('''
         [admin]

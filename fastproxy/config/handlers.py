@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from fastproxy.filters.headers import refuse_in_response
+
 from . import static
 from .runtime import Proxy, Respond
-from .schema import RESPOND, Key, Report, String, Table, did_you_mean
+from .schema import RESPOND, Key, Report, String, Table, did_you_mean, quote_key
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ def check_upstream(name: str, where: str, tree: dict, report: Report) -> None:
 
 
 def _check_respond(respond: dict, where: str, tree: dict, report: Report) -> None:
+    for name, _ in respond.get("headers") or ():
+        reason = refuse_in_response(name)
+        if reason:
+            report(f"{where}.headers.{quote_key(name)}", reason)
     if respond.get("body") and "status" in respond and (respond["status"] < 200 or respond["status"] in (204, 304)):
         report(f"{where}.body", f"a {respond['status']} response cannot have a body")
 

@@ -554,7 +554,8 @@ UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (
 RESPOND = Section("respond", "[[routes]].respond", TABLE, OFF, (
     Key("status", Integer(100, 599), REQUIRED, "Response status."),
     Key("body", String(empty=True, control=True), "", "Response body."),
-    Key("headers", Headers(), {}, "Response headers; `Content-Length` is added by fastproxy."),
+    Key("headers", Headers(), {}, "Response headers; fastproxy adds `Content-Length`, `Server`, `Date` and "
+        "`X-Request-ID` itself (they are refused here)."),
     Key("delay", Duration(zero=True), "0s", "Wait this long before answering (a mock of a slow service, "
         "or a tarpit); the worker serves other requests meanwhile. A client that leaves first is logged "
         "with 499. `[main]` `pause_timeout` bounds it: a longer delay is answered 504."),

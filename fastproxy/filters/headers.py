@@ -51,6 +51,11 @@ def _refuse(managed: Dict[str, str], verb: str):
     return refuse
 
 
+# Why a local answer (`respond.headers`) may not carry a name: the same rules as a response
+# transform's `set` (fastproxy writes these on every response it sends).
+refuse_in_response = _refuse(_RESPONSE_MANAGED, "set")
+
+
 @dataclass(frozen=True)
 class HeaderTransform(Filter):
     set: Tuple[Tuple[bytes, bytes], ...]  # (name, value): every value of the name replaced by this one
