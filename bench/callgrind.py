@@ -4,8 +4,8 @@
 
 On a shared VM wall-clock CPU per request moves by more than the 2 % a change is held to;
 callgrind's instruction counts do not. For each scenario (a plain GET: its path, its headers
-and its config snippet), fastproxy runs with one worker under callgrind in front of a small
-origin in this process, and one client connection sends `short` requests in one run and
+and its config snippet), fastproxy runs with one worker under callgrind in front of the bench's
+nginx origin, and one client connection sends `short` requests in one run and
 `long` in another (a new connection every `per_connection` requests when the scenario sets it).
 The difference of the worker's user-space instructions over long - short requests leaves out
 start-up and shutdown; the short run then idles for as long as its missing requests would
@@ -26,57 +26,17 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from bench.measure import tree_pids
 from bench.scenarios import BY_NAME, Scenario
-from bench.targets import HERE, free_port, render
+from bench.targets import HERE, Origin, free_port, render
 
 START_TIMEOUT = 120.0  # python, uvloop and the extension start ~50x slower under callgrind
 STOP_TIMEOUT = 60.0
 IO_TIMEOUT = 30.0
-SIZES = {"100b": 100, "16k": 16 * 1024}  # the origin's paths, as in bench/origin
-
-
-class Origin:
-    """A keep-alive origin answering every request with its path's size of body (none to a HEAD);
-    requests have no body."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                method, target, _ = head.split(b" ", 2)
-                size = SIZES.get(target.decode().lstrip("/"), 0)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
-                             % size + (b"x" * size if method != b"HEAD" else b""))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def read_response(sock: socket.socket, buf: bytes) -> Tuple[bytes, bytes]:
     """(status line, bytes after the response) of the next response on `sock`."""
     while b"\r\n\r\n" not in buf:
@@ -181,7 +141,7 @@ def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.callgrind", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", default="get-100b,get-100b-ka",
-                    help="comma-separated; plain GETs of a path the origin serves (%s)" % ", ".join(SIZES))
+                    help="comma-separated; plain GETs of a file the origin serves (%s)" % ", ".join(Origin.FILES))
     ap.add_argument("--tree", type=Path, default=HERE.parent, help="the checkout to measure")
     ap.add_argument("--short", type=int, default=200)
     ap.add_argument("--long", type=int, default=2000)
@@ -190,9 +150,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("valgrind is not installed")
     scenarios = [BY_NAME[name] for name in args.scenarios.split(",")]
     for s in scenarios:
-        if (s.script and not s.per_connection) or s.path.lstrip("/") not in SIZES:
-            ap.error(f"{s.name}: not a plain GET of {', '.join(SIZES)}")
+        if (s.script and not s.per_connection) or s.path.lstrip("/") not in Origin.FILES:
+            ap.error(f"{s.name}: not a plain GET of {', '.join(Origin.FILES)}")
     origin = Origin()
+    origin.start()
     print(f"| scenario | instructions per request ({args.tree.resolve()}) |\n|---|---|")
     try:
         with tempfile.TemporaryDirectory(prefix="fp-callgrind-") as tmp:
@@ -204,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                pad=took * (1 - args.short / args.long))
                 print(f"| {s.name} | {(long - short) / (args.long - args.short):,.0f} |", flush=True)
     finally:
-        origin.close()
+        origin.stop()
     return 0
 
 

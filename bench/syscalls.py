@@ -24,25 +24,21 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
-from bench.callgrind import Origin, send_requests, wait_ready
+from bench.callgrind import send_requests, wait_ready
 from bench.measure import tree_pids
 from bench.scenarios import BY_NAME, Scenario
-from bench.targets import HERE, fill, free_port, render
+from bench.targets import HERE, Origin, fill, free_port, render
 
 STOP_TIMEOUT = 10.0
-STATIC_FILES = {"16k": 16384, "1m": 1 << 20}  # what the static scenarios fetch (bench.targets.Origin)
 
 
-def snippet(scenario: Scenario, config: str, workdir: Path) -> str:
-    """The scenario's addition to `config`, its files written to `workdir`/www (as the bench
-    targets do, without their nginx origin)."""
+def snippet(scenario: Scenario, config: str, origin: Origin) -> str:
+    """The scenario's addition to `config`, serving files from the origin's directory (as the
+    bench targets do)."""
     if not scenario.snippets:
         return ""
-    www = workdir / "www"
-    www.mkdir(exist_ok=True)
-    for name, size in STATIC_FILES.items():
-        (www / name).write_bytes(b"x" * size)
-    return fill((HERE / "configs" / scenario.snippets / config).read_text().rstrip("\n"), www=www)
+    return fill((HERE / "configs" / scenario.snippets / config).read_text().rstrip("\n"),
+                www=origin.dir.path / "www")
 
 
 def send_concurrently(port: int, scenario: Scenario, n: int, clients: int) -> None:
@@ -81,7 +77,7 @@ def run_fastproxy(tree: Path, origin: Origin, scenario: Scenario, n: int, client
     conf = workdir / "fastproxy.toml"
     conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
                            origin_port=origin.port, keepalive=16, access_log="off",
-                           snippet=snippet(scenario, "fastproxy.toml", workdir)))
+                           snippet=snippet(scenario, "fastproxy.toml", origin)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "fastproxy", "-c", str(conf)], cwd=workdir, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -96,7 +92,7 @@ def run_nginx(origin: Origin, scenario: Scenario, n: int, clients: int, workdir:
         (workdir / d).mkdir(exist_ok=True)
     conf.write_text(render("configs/nginx.conf", dir=workdir, port=port, workers=1,
                            origin_port=origin.port, keepalive=16, access_log="access_log off;",
-                           snippet=snippet(scenario, "nginx.conf", workdir)))
+                           snippet=snippet(scenario, "nginx.conf", origin)))
     proc = subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(conf)], cwd=workdir,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -132,6 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not shutil.which(tool):
             ap.error(f"{tool} is not installed")
     origin = Origin()
+    origin.start()
     try:
         for name in args.scenarios.split(","):
             s = BY_NAME[name]
@@ -147,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"| total | {sum(ours.values()) / args.requests:.2f} | "
                   f"{sum(theirs.values()) / args.requests:.2f} |", flush=True)
     finally:
-        origin.close()
+        origin.stop()
     return 0
 
 
