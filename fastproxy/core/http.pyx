@@ -202,9 +202,10 @@ cdef class Exchange(UpstreamConsumer):
             # without a Connection header only HTTP/1.1 keeps the connection alive: the
             # version follows without building get_http_version()'s string
             self.http11 = True
-        elif is_http_1x(client.parser, 1) or is_http_1x(client.parser, 0):
-            self.http11 = is_http_1x(client.parser, 1)
-        elif not self.supported_version(client.parser.get_http_version()):
+        elif is_http_1x(client.parser, 1):
+            self.http11 = True
+        elif not is_http_1x(client.parser, 0) \
+                and not self.supported_version(client.parser.get_http_version()):
             return 0
         if self.local_status == 417:  # from an Expect we do not know
             self.fail(417, "Expect other than 100-continue")
