@@ -133,6 +133,12 @@ cdef inline int weight_of(int *q, int entry) noexcept:
     return q[ACCEPT_ANY] if q[ACCEPT_ANY] != Q_UNSET else 0
 
 
+cdef inline int identity_weight(int *q) noexcept:
+    """identity is acceptable unless excluded (RFC 9110 12.5.3): its own weight, else that of
+    "*"; it outweighs a coding only when the client weighs it higher."""
+    return q[ACCEPT_IDENTITY] if q[ACCEPT_IDENTITY] != Q_UNSET else q[ACCEPT_ANY]
+
+
 cdef bint has_token(bytes value, bytes lower_token) noexcept:
     """Whether a comma-separated header value lists `lower_token` (case-insensitive; a
     token's own parameters, after '=' or ';', are not compared)."""
@@ -195,7 +201,7 @@ cdef class Compress(Filter):
         self.levels[CODING_GZIP] = config.gzip_level
         self.min_length = max(config.min_length, 1)  # an empty body stays empty
         self.types = tuple(t for t in config.types if not t.endswith(b"/*"))
-        self.type_prefixes = tuple(t[:-1] for t in config.types if t.endswith(b"/*"))
+        self.type_prefixes = tuple(t[:len(t) - 1] for t in config.types if t.endswith(b"/*"))
         self.idle_zstd = []
 
     cdef int negotiate(self, bytes accept) noexcept:
@@ -210,9 +216,7 @@ cdef class Compress(Filter):
             if w > best_q:
                 best = self.order[i]
                 best_q = w
-        # identity is acceptable unless excluded (RFC 9110 12.5.3), but outweighs a coding
-        # only when the client weighs it, itself or through "*"
-        identity = q[ACCEPT_IDENTITY] if q[ACCEPT_IDENTITY] != Q_UNSET else q[ACCEPT_ANY]
+        identity = identity_weight(q)
         if best >= 0 and best_q >= identity:
             return best
         return CHOSE_NOTHING if identity == 0 else CHOSE_IDENTITY

@@ -546,8 +546,7 @@ cdef class Static(Filter):
                         coding = <int>entry[0]
                         sent = <OpenFile>entry[1]
                 # as compress negotiates: identity wins only when the client weighs it higher
-                w = q[ACCEPT_IDENTITY] if q[ACCEPT_IDENTITY] != Q_UNSET else q[ACCEPT_ANY]
-                if coding >= 0 and w > best_q:
+                if coding >= 0 and identity_weight(q) > best_q:
                     coding = -1
                     sent = file
         headers = [(b"Content-Type", file.content_type), (b"Last-Modified", sent.last_modified),
