@@ -10,8 +10,8 @@ import re
 from typing import Dict
 
 from .runtime import Static
-from .schema import (MAP, OFF, REQUIRED, SOURCE, TABLE, Boolean, Choice, Invalid, Key, Kind, ListOf, Report,
-                     Section, String)
+from .schema import (_TOKEN, MAP, OFF, REQUIRED, SOURCE, TABLE, Boolean, Choice, Invalid, Key, Kind, ListOf,
+                     Report, Section, String)
 
 # Content types by extension (lower-case, without the dot); `[mime_types]` adds or replaces
 # entries. Text types get "; charset=utf-8" (see content_type).
@@ -32,7 +32,7 @@ DEFAULT_TYPE = "application/octet-stream"
 _CHARSET_TYPES = ("text/", "application/json", "application/javascript", "application/manifest+json",
                   "image/svg+xml", "application/xml")
 PRECOMPRESSED = {"zst": "zstd", "br": "br", "gz": "gzip"}  # sibling suffix -> its Content-Encoding
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_MEDIA_TYPE = re.compile(f"{_TOKEN.pattern}/{_TOKEN.pattern}(\\s*;[\\x20-\\x7e]*)?")
 
 
 def content_type(media_type: str) -> str:
@@ -76,7 +76,7 @@ class MimeType(Kind):
     types = (str,)
 
     def convert(self, value):
-        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[\x20-\x7e]*)?", value):
+        if not _MEDIA_TYPE.fullmatch(value):
             raise Invalid(f"{value!r} is not a media type (type/subtype)")
         return value
 

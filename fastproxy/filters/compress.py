@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from fastproxy.config.schema import OFF, TABLE, Choice, Integer, Invalid, Key, Kind, ListOf, Section, Size
+from fastproxy.config.schema import _TOKEN, OFF, TABLE, Choice, Integer, Invalid, Key, Kind, ListOf, Section, Size
 
 from .base import Filter, Phase
 
@@ -24,8 +24,7 @@ DEFAULT_TYPES = ["text/*", "application/json", "application/javascript", "applic
                  "application/ld+json", "application/manifest+json", "application/problem+json",
                  "application/wasm", "image/svg+xml"]
 
-_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"
-_MEDIA_RANGE = re.compile(f"{_TOKEN}/({_TOKEN}|\\*)")
+_MEDIA_RANGE = re.compile(f"{_TOKEN.pattern}/({_TOKEN.pattern}|\\*)")
 
 
 def brotli_problem() -> Optional[str]:
