@@ -35,6 +35,8 @@ cdef tuple CONTENT_ENCODING_LINES = (b"Content-Encoding: zstd\r\n", b"Content-En
 cdef bytes VARY_LINE = b"Vary: Accept-Encoding\r\n"
 cdef tuple VARY_NAME = (b"vary",)
 cdef tuple ETAG_NAME = (b"etag",)
+cdef tuple NO_TRANSFORM = (b"no-transform",)  # has_token()'s lists
+cdef tuple VARY_COVERED = (b"accept-encoding", b"*")  # a Vary already keying on the coding
 # A byte range of the compressed body is not one of the body the upstream described
 cdef tuple ACCEPT_RANGES_NAME = (b"accept-ranges",)
 cdef tuple NOT_ACCEPTABLE_HEADERS = ((b"Content-Type", b"application/json"),)
@@ -139,16 +141,15 @@ cdef inline int identity_weight(int *q) noexcept:
     return q[ACCEPT_IDENTITY] if q[ACCEPT_IDENTITY] != Q_UNSET else q[ACCEPT_ANY]
 
 
-cdef bint has_token(bytes value, bytes lower_token) noexcept:
-    """Whether a comma-separated header value lists `lower_token` (case-insensitive; a
-    token's own parameters, after '=' or ';', are not compared)."""
+cdef bint has_token(bytes value, tuple lower_tokens) noexcept:
+    """Whether a comma-separated header value lists one of `lower_tokens` (case-insensitive;
+    a token's own parameters, after '=' or ';', are not compared)."""
     cdef const char *p = PyBytes_AS_STRING(value)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(value), pos = 0, start
-    cdef tuple tokens = (lower_token,)
     while pos < n:
         start = skip_space(p, n, pos, True)
         pos = token_end(p, n, start)
-        if pos > start and listed(p + start, pos - start, tokens):
+        if pos > start and listed(p + start, pos - start, lower_tokens):
             return True
         while pos < n and p[pos] != b',':
             pos += 1
@@ -266,13 +267,13 @@ cdef class Compress(Filter):
         if 0 <= length < self.min_length:
             return FILTER_CONTINUE
         value = head.header(b"cache-control")
-        if value is not None and has_token(value, b"no-transform"):
+        if value is not None and has_token(value, NO_TRANSFORM):
             return FILTER_CONTINUE
         # compressible: whether it is depends on Accept-Encoding, which caches must key on
         value = head.header(b"vary")
         if value is None:
             head.add_header_lines(VARY_LINE)
-        elif not has_token(value, b"accept-encoding") and not has_token(value, b"*"):
+        elif not has_token(value, VARY_COVERED):
             head.remove_headers(VARY_NAME)
             head.add_header_lines(b"Vary: " + value + b", Accept-Encoding\r\n")
         if <int>chosen < 0 or ex.is_head:
