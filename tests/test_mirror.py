@@ -192,6 +192,10 @@ def test_silent_and_late_mirrors_cost_nothing(make_proxy, make_origin, main_orig
         (pid,) = p.worker_pids()
         load(p.port, "/")
         assert p.worker_pids() == [pid]
+        # the copies were made and reached this mirror: a route whose copies were never
+        # sent would cost nothing too
+        assert copies(p) == CONNECTIONS * PER_CONNECTION + 1  # and the ready probe's
+        wait_until(lambda: mirror.requests, 10, message=f"a copy at the {mirror.name} mirror")
 
 
 def test_held_mirror_does_not_delay_any_client_response(make_proxy, main_origin, held):
