@@ -51,18 +51,30 @@ stream_echo.reads_body = True
 
 
 def slow_reader(conn: OriginConn, req: Request) -> None:
-    """Sips the body (16 KiB every 0.1 s through a small receive buffer) for 3 seconds,
-    takes the rest at full speed, then answers with its length and CRC."""
+    """Sips the body (64 KiB every 0.1 s through a small receive buffer) for 3 seconds,
+    takes the rest at full speed, then answers with its length and CRC.
+
+    Each sip is a recv on the socket freeing a whole segment (loopback's MSS is 64 KiB), so
+    the proxy sees progress on every sip. Sipping 16 KiB through conn.read_some did not: it
+    took from the harness's buffer, which each recv fills with all that is queued (the head's
+    read brought 110 KiB of body along), so no room was freed for 0.7 s or more at a time, and
+    on a loaded machine (sleeps overrunning) the slow upstream looked stuck past send_timeout."""
+    def took(piece: bytes) -> int:
+        req.body_len += len(piece)
+        req.body_crc = zlib.crc32(piece, req.body_crc)
+        return len(piece)
+
     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     sipping_until = time.monotonic() + 3
     left = int(req.header("content-length"))
+    left -= took(conn.read_some(left) if conn.buf else b"")  # read with the head: no progress for the proxy
+    while left and time.monotonic() < sipping_until:
+        piece = conn.sock.recv(min(left, 64 * 1024))
+        assert piece, "the proxy closed the upload"
+        left -= took(piece)
+        time.sleep(0.1)
     while left:
-        piece = conn.read_some(min(left, 16 * 1024))
-        left -= len(piece)
-        req.body_len += len(piece)
-        req.body_crc = zlib.crc32(piece, req.body_crc)
-        if time.monotonic() < sipping_until:
-            time.sleep(0.1)
+        left -= took(conn.read_some(left))
     conn.respond_json({"body_len": req.body_len, "body_crc": req.body_crc})
 
 
