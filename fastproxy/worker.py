@@ -70,10 +70,12 @@ class Worker:
         self.core = _core.WorkerCore(
             self.loop, runtime, ctx.route_ids, ctx.upstream_ids,
             ctx.metrics.writer(ctx.counter_slot), ctx.zones, self.loop.stop, log)
-        for listener, sock in zip(runtime.listeners, ctx.listen_sockets):
+        for listener, sock, factory in zip(runtime.listeners, ctx.listen_sockets, self.core.factories):
+            # a TLS handshake is bounded like the request head that follows it
+            tls = {} if listener.tls is None else {
+                "ssl": listener.tls.front, "ssl_handshake_timeout": runtime.main.client_header_timeout}
             self.servers.append(self.loop.run_until_complete(
-                self.loop.create_server(self.core.protocol_factory, sock=sock,
-                                        backlog=listener.backlog)))
+                self.loop.create_server(factory, sock=sock, backlog=listener.backlog, **tls)))
         if ctx.admin_socket is not None:
             self.admin = self.loop.run_until_complete(
                 start_admin(self.loop, ctx.admin_socket, ctx.metrics))

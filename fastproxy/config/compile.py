@@ -11,11 +11,12 @@ from typing import Optional
 from fastproxy.filters import registry  # a module, not its names: the registry imports schema
 from fastproxy.filters.base import compile_phases
 
-from . import handlers
+from . import handlers, tls
 from .runtime import AccessLog, Address, Admin, Listener, Main, Route, Runtime, Upstream
-from .schema import Report
+from .schema import SOURCE, Report
 
 _MATCH_KEYS = ("name", "host", "path", "path_prefix", "methods")
+_TLS = "__tls__"  # a checked listener's compiled Tls (no key has that name)
 _ANY_IP = ("0.0.0.0", "::")
 
 
@@ -41,6 +42,11 @@ def check_references(tree: dict, report: Report) -> None:
                 report(f"{where}.name", f"'{name}' is already used by {used_by}")
         else:
             first_with_name[name] = index
+    for index, listener in enumerate(tree.get("listen") or ()):
+        if listener and listener.get("redirect_https") and listener.get("address") is not None:
+            name = redirect_route_name(listener["address"])
+            if name in first_with_name:
+                report(f"routes[{first_with_name[name]}].name", f"'{name}' names listen[{index}]'s redirect")
 
 
 def _overlap(address: Address, other: Address) -> Optional[str]:
@@ -56,7 +62,11 @@ def _overlap(address: Address, other: Address) -> Optional[str]:
 
 def _check_listeners(tree: dict, report: Report) -> None:
     bound = []
+    base = os.path.dirname(tree[SOURCE])
     for index, listener in enumerate(tree.get("listen") or ()):
+        if listener is not None:
+            # the SSL contexts are built here, once, and kept in the checked tree for build_runtime
+            listener[_TLS] = tls.build(listener, f"listen[{index}]", base, report)
         address = (listener or {}).get("address")
         if address is None:
             continue
@@ -108,6 +118,20 @@ def _ascii(text: Optional[str]) -> Optional[bytes]:
     return None if text is None else text.encode("ascii")
 
 
+def redirect_route_name(address: Address) -> str:
+    return f"redirect_https {address}"
+
+
+def _redirect_route(listener: dict, main: dict) -> Optional[Route]:
+    """A redirect_https listener's own route: every request on it, whatever its host or path."""
+    handler = tls.redirect(listener["redirect_https"])
+    if handler is None:
+        return None
+    return Route(name=redirect_route_name(listener["address"]), hosts=(), path=None, path_prefix=None,
+                 methods=(), handler=handler, max_body_size=main["max_body_size"],
+                 max_header_size=main["max_header_size"], phases=compile_phases(()))
+
+
 def build_runtime(tree: dict, source: str) -> Runtime:
     """The Runtime of a tree in which check_tree and check_references found nothing wrong."""
     source = os.path.abspath(source)
@@ -125,6 +149,10 @@ def build_runtime(tree: dict, source: str) -> Runtime:
         max_header_size=main["max_header_size"] if route["max_header_size"] is None else route["max_header_size"],
         phases=compile_phases(registry.route_filters(route, main)),
     ) for route in tree["routes"])
+    listeners = tuple(Listener(listener["address"], listener["backlog"], listener["deferred"], listener[_TLS],
+                               _redirect_route(listener, main))
+                      for listener in tree["listen"])
+    tls.keep_fronts(listeners)
     return Runtime(
         source=source,
         main=Main(**{**{key: value for key, value in main.items() if key not in main_filters},
@@ -134,8 +162,7 @@ def build_runtime(tree: dict, source: str) -> Runtime:
         access_log=AccessLog(path=_file(log["path"], base, "stdout", "off"), format=log["format"],
                              buffer_size=log["buffer"], flush_interval=log["flush"]),
         admin=Admin(admin["listen"]) if admin else None,
-        listeners=tuple(Listener(listener["address"], listener["backlog"], listener["deferred"])
-                        for listener in tree["listen"]),
+        listeners=listeners,
         upstreams=tuple(Upstream(name=name, **upstream) for name, upstream in tree["upstreams"].items()),
         routes=routes,
     )

@@ -7,7 +7,7 @@ sizes are int bytes, so the core never parses or converts anything per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple, Union
+from typing import ClassVar, Dict, Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,26 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True, eq=False)
+class Tls:
+    """A listener's TLS (config/tls.py): SSL contexts made by the master before fork."""
+    front: object  # ssl.SSLContext every connection starts with: policy and ticket keys, no certificate
+    exact: Dict[str, object]  # lower-case SNI name -> the SSLContext of the certificate serving it
+    wildcard: Dict[str, object]  # "example.com" -> the context of "*.example.com"
+    default: Optional[object]  # the context for an unknown or absent SNI; None: refuse the handshake
+    hsts: bytes  # the Strict-Transport-Security value; b"": none
+    client_verify: bool  # client certificates are asked for (their subject goes upstream)
+    expiring: Tuple[Tuple[str, Tuple[str, ...], object], ...]  # (cert file, names, datetime) within 14 days
+
+
 @dataclass(frozen=True)
 class Listener:
     address: Address
     backlog: int = 511
     deferred: bool = False  # TCP_DEFER_ACCEPT on its sockets
+    tls: Optional[Tls] = None
+    # `redirect_https`: the listener's own route, which answers every request on it
+    route: Optional["Route"] = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,16 @@ class Static:
 
 
 @dataclass(frozen=True)
+class RedirectHttps:
+    """Route handler of a `redirect_https` listener: 308 to prefix + host + suffix + path and query."""
+    runtime: ClassVar[str] = "redirect_https"
+    stateful: ClassVar[bool] = False
+    prefix: bytes  # b"https://" (then the request's host), or the whole authority
+    use_host: bool  # the request's host (without its port) follows the prefix
+    suffix: bytes  # b":8443" or b""
+
+
+@dataclass(frozen=True)
 class Route:
     name: str  # label in metrics and logs
     hosts: Tuple[bytes, ...]  # lower-case, no port; "*.example.com" matches subdomains; () = any
@@ -137,3 +162,8 @@ class Runtime:
     listeners: Tuple[Listener, ...]
     upstreams: Tuple[Upstream, ...]
     routes: Tuple[Route, ...]  # in config order; the router ranks them
+
+    @property
+    def all_routes(self) -> Tuple[Route, ...]:
+        """routes, then the listeners' own (redirect_https): every name metrics count under."""
+        return self.routes + tuple(listener.route for listener in self.listeners if listener.route is not None)

@@ -589,12 +589,13 @@ def sections() -> Tuple[Section, ...]:
     """The sections of the file: [[routes]] with a key per handler and filter type, [main]
     with the defaults of the filters that have one. Their registries are imported here
     rather than at the top because they build their keys from the kinds above."""
-    from fastproxy.config import handlers, static
+    from fastproxy.config import handlers, static, tls
     from fastproxy.filters import registry
     main = dataclasses.replace(MAIN, keys=MAIN.keys + registry.main_keys())
+    listen = dataclasses.replace(LISTEN, keys=LISTEN.keys + tls.listen_keys())
     routes = dataclasses.replace(_ROUTES, keys=_ROUTE_MATCH_KEYS + handlers.route_keys() + _ROUTE_LIMIT_KEYS
                                  + registry.route_keys())
-    return (main, ACCESS_LOG, ADMIN, LISTEN, UPSTREAMS, routes, static.MIME_SECTION)
+    return (main, ACCESS_LOG, ADMIN, listen, UPSTREAMS, routes, static.MIME_SECTION)
 
 
 def all_sections() -> Tuple[Section, ...]:

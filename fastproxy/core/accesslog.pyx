@@ -223,7 +223,14 @@ cdef class AccessLog:
             add_seconds3(out, ex.upstream_time, b"null")
             out.add(b',"request_time":')
             add_seconds3(out, total, b"-")
-            out.add(b"}\n")
+            if ex.client.tls_version is not None:
+                out.add(b',"tls_protocol":"')
+                out.add(ex.client.tls_version)
+                out.add(b'","tls_cipher":"')
+                out.add(ex.client.tls_cipher)
+                out.add(b'"}\n')
+            else:
+                out.add(b"}\n")
         if out.size >= self.limit:
             self.flush()
         return 0

@@ -216,6 +216,7 @@ cdef enum:
     H_DATE
     H_USER_AGENT
     H_REFERER
+    H_X_CLIENT_CERT  # -Subject and -Fingerprint: only a TLS listener's verification sets them
 
 
 cdef inline bint name_is(const char *name, Py_ssize_t n, const char *lower, Py_ssize_t m) noexcept:
@@ -272,6 +273,10 @@ cdef int header_kind_at(const char *p, Py_ssize_t n) noexcept:
         if name_is(p, n, b"transfer-encoding", 17):
             return H_TRANSFER_ENCODING
         return H_X_FORWARDED_PROTO if name_is(p, n, b"x-forwarded-proto", 17) else H_OTHER
+    if n == 21:
+        return H_X_CLIENT_CERT if name_is(p, n, b"x-client-cert-subject", 21) else H_OTHER
+    if n == 25:
+        return H_X_CLIENT_CERT if name_is(p, n, b"x-client-cert-fingerprint", 25) else H_OTHER
     return H_OTHER
 
 

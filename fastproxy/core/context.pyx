@@ -124,6 +124,7 @@ cdef class WorkerCore:
     cdef Py_ssize_t clients_before  # clients open at the previous sweep
     cdef double next_trim         # monotonic time before which the heap is not trimmed
     cdef Py_ssize_t trims
+    cdef readonly tuple factories  # the protocol factory of each listener, parallel to runtime.listeners
 
     def __init__(self, loop, runtime, route_ids, upstream_ids, MetricsWriter metrics, zones,
                  on_drained, error_logger):
@@ -157,6 +158,7 @@ cdef class WorkerCore:
         self.pools_by_name = {
             u.name: UpstreamPool(self, u, upstream_ids[i]) for i, u in enumerate(runtime.upstreams)}
         self.router = Router([self.compile_route(r, route_ids[i]) for i, r in enumerate(runtime.routes)])
+        self.factories = self.listener_factories(runtime, route_ids[len(runtime.routes):])
         log = runtime.access_log
         self.access_log = None if log.path == "off" else AccessLog(log.path, log.format, log.buffer_size)
         self.log_flush_interval = log.flush_interval
@@ -200,6 +202,20 @@ cdef class WorkerCore:
         cr.slot_filters = stateful
         cr.slot_count = len(stateful)
         return cr
+
+    cdef tuple listener_factories(self, runtime, route_ids):
+        """protocol_factory for a plain listener, a Listening for the others (TLS, or a
+        redirect_https listener with its own route, whose metric ids follow the routes')."""
+        factories = []
+        ids = iter(route_ids)
+        for listener in runtime.listeners:
+            if listener.tls is None and listener.route is None:
+                factories.append(self.protocol_factory)
+                continue
+            router = self.router if listener.route is None else Router([self.compile_route(listener.route, next(ids))])
+            tls = None if listener.tls is None else TlsListener(listener.tls, self.metrics)
+            factories.append(Listening(self, router, tls))
+        return tuple(factories)
 
     def protocol_factory(self):
         if self.spare_clients:

@@ -11,3 +11,4 @@ cdef class Exchange
 
 cdef class ClientConnection
 cdef class WorkerCore
+cdef class TlsListener

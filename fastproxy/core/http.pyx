@@ -175,7 +175,8 @@ cdef class Exchange(UpstreamConsumer):
                 self.request_id = value
         elif kind == H_X_FORWARDED_FOR:
             self.xff = value if self.xff is None else self.xff + b", " + value
-        # other hop-by-hop headers and X-Forwarded-Proto/-Host are dropped: we set our own
+        # other hop-by-hop headers, X-Forwarded-Proto/-Host and X-Client-Cert-* are dropped:
+        # we set our own
         return 0
 
     cdef int head_complete(self) except -1:
@@ -184,6 +185,7 @@ cdef class Exchange(UpstreamConsumer):
         cdef WorkerCore core = client.core
         cdef list allowed
         cdef bytes host
+        cdef Router router
         self.head_done = True
         if self.method is None:
             self.method = client.get_method()
@@ -228,12 +230,13 @@ cdef class Exchange(UpstreamConsumer):
             self.fail(400, "request target refused: not a path in normal form, nor http://host/path")
             return 0
         host = self.host if self.host is not None else b""  # HTTP/1.0 may send none
-        if core.router.uses_hosts:
+        router = client.router
+        if router.uses_hosts:
             host = normalize_host(host)
-        self.route = core.router.match(host, self.path, self.method, None)
+        self.route = router.match(host, self.path, self.method, None)
         if self.route is None:
             allowed = []
-            core.router.match(host, self.path, self.method, allowed)
+            router.match(host, self.path, self.method, allowed)
             if allowed:
                 self.local_status = 405
                 self.allow = b", ".join(sorted(set(allowed)))
@@ -362,7 +365,12 @@ cdef class Exchange(UpstreamConsumer):
             out.add(self.xff)
             out.add(b", ")
         out.add(self.client.addr)
-        out.add(b"\r\nX-Forwarded-Proto: http\r\n")
+        if self.client.tls is None:
+            out.add(b"\r\nX-Forwarded-Proto: http\r\n")
+        else:
+            out.add(b"\r\nX-Forwarded-Proto: https\r\n")
+            if self.client.cert_lines is not None:
+                out.add(self.client.cert_lines)
         if self.host is not None:  # else the client sent none to pass on
             out.add(b"X-Forwarded-Host: ")
             out.add(self.host)
@@ -729,6 +737,8 @@ cdef class Exchange(UpstreamConsumer):
                 out.add(self.allow)
                 out.add(CRLF)
         out.add(core.date_line)
+        if client.tls is not None:
+            out.add(client.tls.hsts_line)
         if self.request_id is not None:
             out.add(b"X-Request-ID: ")
             out.add(self.request_id)
@@ -810,7 +820,9 @@ cdef class Exchange(UpstreamConsumer):
         file goes to the socket by sendfile, which needs the transport's buffer empty (else
         bytes would pass each other): for the length of the body the transport pauses us as
         soon as it buffers anything and resumes us once it is empty."""
-        if not self.body_hooks:
+        if self.client.tls is not None:
+            self.local_file.no_sendfile = True  # sendfile would bypass TLS: read and write
+        elif not self.body_hooks:
             self.client.set_file_limits(True)
         self.send_file()
         return 0
@@ -880,7 +892,7 @@ cdef class Exchange(UpstreamConsumer):
 
     cdef int finish_file(self) except -1:
         cdef bytes tail = self.local_file.tail
-        if not self.body_hooks:
+        if self.client.file_limits:
             self.client.set_file_limits(False)
         self.local_file = None  # its descriptor may close now
         if PyBytes_GET_SIZE(tail):
@@ -955,6 +967,8 @@ cdef class Exchange(UpstreamConsumer):
             out.add(core.server_line)
         if not conn.resp_has_date:
             out.add(core.date_line)
+        if self.client.tls is not None:
+            out.add(self.client.tls.hsts_line)
         out.add(b"X-Request-ID: ")
         out.add(self.request_id)
         out.add(CRLF)
@@ -1066,11 +1080,16 @@ cdef class ClientConnection:
     cdef bint file_limits        # write-buffer limits 0/0 while sendfile sends a body (start_file)
     cdef int fd                  # the socket's descriptor, once looked up (see send_room)
     cdef int send_capacity       # its kernel send buffer, as last looked up (see send_room)
+    cdef Router router           # its listener's routes: the core's, or a redirect_https listener's own
+    cdef TlsListener tls         # its TLS listener (core/tls.pyx), None on a plain one
+    cdef bytes tls_version, tls_cipher  # for the access log, on TLS
+    cdef bytes cert_lines        # X-Client-Cert-* lines for the upstream, from a verified client certificate
     # A field added above must be cleared in forget() too: this object and its parser serve
     # the worker's next connections.
 
     def __init__(self, WorkerCore core):
         self.core = core
+        self.router = core.router
         self.new_parser()
 
     cdef bint reusable(self) noexcept:
@@ -1100,6 +1119,9 @@ cdef class ClientConnection:
         self.chunk_size = self.chunk_left = self.trailer_line = 0
         self.chunk_ext = self.closing = self.write_paused = self.parse_failed = self.upgraded = False
         self.fd = self.send_capacity = 0
+        self.router = self.core.router
+        self.tls = None
+        self.tls_version = self.tls_cipher = self.cert_lines = None
         return 0
 
     cdef int new_parser(self) except -1:
@@ -1116,13 +1138,16 @@ cdef class ClientConnection:
         self.transport = transport
         self.write_one = transport.write
         self.write_many = transport.writelines
-        if self.core.set_client_limits < 0:
-            # uvloop starts a transport at our high-water mark (64 KiB), and its low-water
-            # mark is read only once writing has paused, where pause_writing sets ours: the
-            # first connection tells whether every transport must be told at once
-            self.core.set_client_limits = transport.get_write_buffer_limits()[1] != CLIENT_HIGH_WATER
-        if self.core.set_client_limits:
-            transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
+        if self.tls is not None:
+            self.tls.made(self, transport)
+        else:
+            if self.core.set_client_limits < 0:
+                # uvloop starts a transport at our high-water mark (64 KiB), and its low-water
+                # mark is read only once writing has paused, where pause_writing sets ours: the
+                # first plain connection tells whether every transport must be told at once
+                self.core.set_client_limits = transport.get_write_buffer_limits()[1] != CLIENT_HIGH_WATER
+            if self.core.set_client_limits:
+                transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)
@@ -1773,11 +1798,12 @@ cdef class ClientConnection:
         if not self.closing:
             self.closing = True
             self.flush()
-            if self.parse_failed:
+            if self.parse_failed and self.tls is None:
                 # The client may still be sending what we refused to read. Closing with
                 # unread bytes would reset the connection and could destroy our answer on
                 # its way, so end our side, then read and drop what comes until the client
-                # closes, for at most LINGER_TIMEOUT (nginx's lingering close).
+                # closes, for at most LINGER_TIMEOUT (nginx's lingering close). uvloop's TLS
+                # transport cannot half-close: there the connection closes with close_notify.
                 self.transport.write_eof()
                 self.paused = 0
                 self.transport.resume_reading()

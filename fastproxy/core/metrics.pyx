@@ -68,6 +68,22 @@ cdef enum MirrorResult:
 cdef enum:
     MIRROR_RESULTS = MIRROR_SKIPPED + 1
 
+cdef enum:
+    TLS_VERSIONS = 2  # TLS 1.2, TLS 1.3 (TLS_VERSION_NAMES)
+
+cdef enum TlsFailure:
+    # why a TLS handshake failed (core/tls.pyx)
+    TLS_FAIL_UNKNOWN_SNI = 0  # refused by unknown_sni = "reject"
+    TLS_FAIL_VERSION = 1  # the client offered no version we accept
+    TLS_FAIL_CIPHER = 2  # no cipher suite in common
+    TLS_FAIL_NO_CLIENT_CERT = 3  # client_verify = "required" and the client sent none
+    TLS_FAIL_BAD_CLIENT_CERT = 4  # a client certificate that did not verify
+    TLS_FAIL_NOT_TLS = 5  # plain HTTP or other bytes that are not TLS
+    TLS_FAIL_OTHER = 6
+
+cdef enum:
+    TLS_FAILURES = TLS_FAIL_OTHER + 1
+
 ctypedef struct GlobalCounters:
     uint64_t bytes_in  # received from clients
     uint64_t bytes_out  # sent to clients
@@ -75,7 +91,9 @@ ctypedef struct GlobalCounters:
     uint64_t active_connections  # a gauge: zeroed by the master when it reaps the owner
     CodingCounters codings[CODINGS]  # by CODING_*
     uint64_t static_status[METRICS_STATUS_CLASSES]  # static handler answers, 1xx .. 5xx
-    uint64_t reserved[6]  # to 192 bytes
+    uint64_t tls_handshakes[TLS_VERSIONS][2]  # by version, then full (0) or resumed (1)
+    uint64_t tls_failures[TLS_FAILURES]  # by TlsFailure
+    uint64_t reserved[3]  # to 256 bytes
 
 ctypedef struct UpstreamCounters:
     uint64_t requests
@@ -93,6 +111,9 @@ DURATION_BUCKETS = tuple([fp_duration_bounds[i] for i in range(METRICS_FINITE_BU
 UPSTREAM_ERROR_KIND_NAMES = ("connect", "reset", "timeout")  # by UpstreamErrorKind
 CODING_NAMES = ("zstd", "br", "gzip")  # by CODING_*
 MIRROR_RESULT_NAMES = ("sent", "failed", "abandoned", "skipped")  # by MirrorResult
+TLS_VERSION_NAMES = ("TLSv1.2", "TLSv1.3")
+TLS_FAILURE_NAMES = ("unknown_sni", "protocol_version", "no_shared_cipher", "no_client_certificate",
+                     "bad_client_certificate", "not_tls", "other")  # by TlsFailure
 UNROUTED_ROUTE = METRICS_UNROUTED_ROUTE
 
 
@@ -183,8 +204,10 @@ cdef class MetricsSlots:
         """Counters summed over slots [first, stop), for route indexes [0, routes) and upstream
         indexes [0, upstreams): (global, per route, per upstream), where global is
         (bytes_in, bytes_out, connections_accepted, active_connections, codings,
-        static_status), codings being (responses, bytes before, bytes after) per CODING_*,
-        static_status the static handler's answers by class 1xx .. 5xx, a route is
+        static_status, tls_handshakes, tls_failures), codings being (responses, bytes before,
+        bytes after) per CODING_*, static_status the static handler's answers by class 1xx ..
+        5xx, tls_handshakes (full, resumed) per TLS_VERSION_NAMES, tls_failures by
+        TLS_FAILURE_NAMES, a route is
         (status classes, buckets, duration sum in µs) and an upstream (requests, errors by
         kind, mirror copies by result). Call it between the zone's read_begin and read_retry."""
         cdef GlobalCounters g
@@ -211,7 +234,9 @@ cdef class MetricsSlots:
             return (
                 (g.bytes_in, g.bytes_out, g.connections_accepted, g.active_connections,
                  tuple([(g.codings[i].responses, g.codings[i].bytes_in, g.codings[i].bytes_out)
-                        for i in range(CODINGS)]), tuple(g.static_status)),
+                        for i in range(CODINGS)]), tuple(g.static_status),
+                 tuple([(g.tls_handshakes[i][0], g.tls_handshakes[i][1]) for i in range(TLS_VERSIONS)]),
+                 tuple(g.tls_failures)),
                 [(tuple(r[i].status), tuple(r[i].buckets), r[i].duration_sum_us)
                  for i in range(routes)],
                 [(u[i].requests, tuple(u[i].errors), tuple(u[i].mirrored)) for i in range(upstreams)],
@@ -318,6 +343,15 @@ cdef class MetricsWriter:
         """One answer of a static handler (core/static.pyx), by its status."""
         if 100 <= status < 600:
             _counter_add(&self._global.static_status[status // 100 - 1], 1)
+
+    cdef void tls_handshake(self, int version, bint resumed) noexcept nogil:
+        """A completed handshake; version: 0 for TLS 1.2, 1 for TLS 1.3."""
+        if 0 <= version < TLS_VERSIONS:
+            _counter_add(&self._global.tls_handshakes[version][1 if resumed else 0], 1)
+
+    cdef void tls_failure(self, int reason) noexcept nogil:
+        if 0 <= reason < TLS_FAILURES:
+            _counter_add(&self._global.tls_failures[reason], 1)
 
     cdef void connection_opened(self) noexcept nogil:
         _counter_add(&self._global.connections_accepted, 1)

@@ -47,7 +47,7 @@ class WorkerContext:
     metrics: "MetricsZone"
     counter_slot: int  # the worker's own slot in the metrics zone
     zones: "ZoneSet"  # every zone of its generation, by name, the metrics zone included
-    route_ids: Tuple[int, ...]  # parallel to runtime.routes
+    route_ids: Tuple[int, ...]  # parallel to runtime.all_routes
     upstream_ids: Tuple[int, ...]  # parallel to runtime.upstreams
     master_pid: int
     ready_fd: int = -1

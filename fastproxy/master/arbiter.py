@@ -287,7 +287,7 @@ class Master:
             zones = self.open_zones(runtime)
             live = self.live_generations()
             route_ids = self.metrics.register_routes(
-                [r.name for r in runtime.routes], {i for gen in live for i in gen.route_ids})
+                [r.name for r in runtime.all_routes], {i for gen in live for i in gen.route_ids})
             upstream_ids = self.metrics.register_upstreams(
                 [u.name for u in runtime.upstreams], {i for gen in live for i in gen.upstream_ids})
         except (ZoneFull, ValueError) as e:

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 # What the Cython side defines, for the offsets below and the reader's labels.
 from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS, CODING_NAMES: re-exported for the reader)
-    CODING_NAMES, DURATION_BUCKETS, MIRROR_RESULT_NAMES, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES,
-    ZONE_HEADER_SIZE, metrics_slot_size)
+    CODING_NAMES, DURATION_BUCKETS, MIRROR_RESULT_NAMES, TLS_FAILURE_NAMES, TLS_VERSION_NAMES, UNROUTED_ROUTE,
+    UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE, metrics_slot_size)
 
 ZONE_NAME = "metrics"
-LAYOUT_VERSION = 5  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror
-# counters; 4: no static-file counters
+LAYOUT_VERSION = 6  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror
+# counters; 4: no static-file counters; 5: no TLS counters
 WORD = 8
 CACHE_LINE = 64
 

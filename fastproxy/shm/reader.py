@@ -61,7 +61,7 @@ def render_prometheus(zone) -> bytes:
         out.append(f'fastproxy_request_duration_seconds_sum{{route="{label}"}} {sum_us / 1e6!r}\n'
                    f'fastproxy_request_duration_seconds_count{{route="{label}"}} {cumulative}\n')
 
-    bytes_in, bytes_out, accepted, active, codings, static_status = totals
+    bytes_in, bytes_out, accepted, active, codings, static_status, handshakes, tls_failures = totals
     for name, value, help_text in (
         ("fastproxy_bytes_received_total", bytes_in, "Bytes received from clients."),
         ("fastproxy_bytes_sent_total", bytes_out, "Bytes sent to clients."),
@@ -82,6 +82,16 @@ def render_prometheus(zone) -> bytes:
     family("fastproxy_static_responses_total", "counter", "Answers of static file handlers, by status class.")
     for cls, count in enumerate(static_status):
         out.append(f'fastproxy_static_responses_total{{code="{cls + 1}xx"}} {count}\n')
+
+    family("fastproxy_tls_handshakes_total", "counter",
+           "TLS handshakes completed on listeners, by protocol version and whether the session was resumed.")
+    for version, counts in zip(L.TLS_VERSION_NAMES, handshakes):
+        for resumed, count in zip(("false", "true"), counts):
+            out.append(f'fastproxy_tls_handshakes_total{{version="{version}",resumed="{resumed}"}} {count}\n')
+    family("fastproxy_tls_handshake_failures_total", "counter",
+           "TLS handshakes that failed on listeners, by reason (docs/tls.md).")
+    for reason, count in zip(L.TLS_FAILURE_NAMES, tls_failures):
+        out.append(f'fastproxy_tls_handshake_failures_total{{reason="{reason}"}} {count}\n')
 
     family("fastproxy_upstream_requests_total", "counter", "Requests sent to an upstream.")
     for upstream, (requests, _, _) in upstreams:

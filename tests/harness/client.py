@@ -329,3 +329,12 @@ def send_pattern(sock: socket.socket, n: int, chunk_framing: bool = False) -> No
         left -= take
     if chunk_framing:
         sock.sendall(b"0\r\n\r\n")
+
+
+class TlsClient(RawClient):
+    """A RawClient over TLS: `context` a client ssl.SSLContext, `session` one to resume."""
+
+    def __init__(self, port: int, context, server_hostname: Optional[str] = None, session=None,
+                 timeout: float = 15):
+        super().__init__(port, timeout=timeout)
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname, session=session)
