@@ -36,12 +36,16 @@ def test_config(path: str) -> int:
     from fastproxy.config import load_runtime
     from fastproxy.errors import ConfigError
 
+    from fastproxy.config.tls import expiry_warnings
+
     try:
-        load_runtime(path)
+        runtime = load_runtime(path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         print(f"configuration file {path} test failed", file=sys.stderr)
         return 1
+    for warning in expiry_warnings(runtime):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"configuration file {path} test is successful")
     return 0
 

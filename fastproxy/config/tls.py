@@ -109,6 +109,12 @@ class _Problem(Exception):
         self.key, self.reason = key, reason
 
 
+class _Problems(Exception):
+    def __init__(self, problems: List[_Problem]):
+        super().__init__(problems)
+        self.problems = problems
+
+
 def _read(path: str, key: str) -> bytes:
     try:
         with open(path, "rb") as file:
@@ -153,25 +159,32 @@ class _Certificate:
 
 
 def _context(tls: dict, base: str) -> ssl.SSLContext:
-    """A server context with the listener's policy and no certificate."""
+    """A server context with the listener's policy and no certificate; raises _Problems."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[tls["min_version"]]
     context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(list(tls["alpn"]))
+    context.verify_mode = _VERIFY[tls["client_verify"]]
+    problems = []
     try:
         context.set_ciphers(tls["ciphers"])
     except ssl.SSLError:
-        raise _Problem("ciphers", f"no cipher suite that OpenSSL knows in \"{tls['ciphers']}\"") from None
-    context.set_alpn_protocols(list(tls["alpn"]))
-    context.verify_mode = _VERIFY[tls["client_verify"]]
-    if tls["client_verify"] != "off":
-        if tls["client_ca"] is None:
-            raise _Problem("client_ca", f"required with client_verify = \"{tls['client_verify']}\"")
+        problems.append(_Problem("ciphers", f"no cipher suite that OpenSSL knows in \"{tls['ciphers']}\""))
+    if tls["client_verify"] == "off":
+        pass
+    elif tls["client_ca"] is None:
+        problems.append(_Problem("client_ca", f"required with client_verify = \"{tls['client_verify']}\""))
+    else:
         path = os.path.join(base, tls["client_ca"])
-        _read(path, "client_ca")
         try:
+            _read(path, "client_ca")
             context.load_verify_locations(cafile=path)
+        except _Problem as problem:
+            problems.append(problem)
         except ssl.SSLError as error:
-            raise _Problem("client_ca", f"{path}: no PEM certificate ({error.reason})") from None
+            problems.append(_Problem("client_ca", f"{path}: no PEM certificate ({error.reason})"))
+    if problems:
+        raise _Problems(problems)
     return context
 
 
@@ -207,8 +220,8 @@ def build(listener: dict, where: str, base: str, report: Report) -> Optional[Tls
             problems.append(problem)
     try:
         _context(tls, base)  # the policy's own problems, reported once
-    except _Problem as problem:
-        problems.append(problem)
+    except _Problems as policy:
+        problems += policy.problems
     for problem in problems:
         report(f"{where}.{problem.key}", problem.reason)
     if problems:

@@ -29,9 +29,12 @@ cdef MetricsWriter tls_metrics = None
 class TlsHandshake(ssl.SSLObject):
     """The SSL object of a listener's connections (the front context's sslobject_class): it
     counts the handshakes that fail, by reason, which uvloop drops without telling the
-    protocol. Reads and writes are SSLObject's own."""
+    protocol, and makes sure the client hears why. Reads and writes are SSLObject's own."""
+    failed = None  # the error of a failed handshake, once its alert is on its way
 
     def do_handshake(self):
+        if self.failed is not None:
+            raise self.failed
         try:
             self._sslobj.do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -39,7 +42,12 @@ class TlsHandshake(ssl.SSLObject):
         except ssl.SSLError as error:
             if tls_metrics is not None:
                 tls_metrics.tls_failure(TLS_FAILURE_BY_REASON.get(error.reason, TLS_FAIL_OTHER))
-            raise
+            # uvloop closes at once on a failure, dropping the alert OpenSSL wrote (the client
+            # would see a bare EOF): answered "want read", it sends the alert first, as for a
+            # handshake that waits; the client's close, its next bytes (then this error) or
+            # the handshake timeout end the connection
+            self.failed = error
+            raise ssl.SSLWantReadError("handshake failed; sending the alert") from None
 
 
 cdef bytes rfc4514_header_value(str text):

@@ -30,6 +30,7 @@ from setproctitle import setproctitle
 from fastproxy import worker
 from fastproxy.config import load_runtime
 from fastproxy.config.runtime import Runtime
+from fastproxy.config.tls import expiry_warnings
 from fastproxy.errors import ConfigError
 from fastproxy.log import reopen_error_log, set_process_label, setup_error_log
 from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, master_title
@@ -279,6 +280,8 @@ class Master:
 
     def start_generation(self, runtime: Runtime, number: int) -> None:
         """Fork one worker per slot for `runtime`; it becomes current once all are ready."""
+        for warning in expiry_warnings(runtime):
+            log.warning("%s", warning)
         if len(self.workers) + runtime.main.workers > MAX_WORKERS:
             return self.abandon_pending(
                 f"cannot start {runtime.main.workers} workers while {len(self.workers)} are alive "

@@ -69,3 +69,7 @@ def serial_of(der: bytes) -> int:
 
 def serial_in(path: Path) -> int:
     return x509.load_pem_x509_certificates(Path(path).read_bytes())[0].serial_number
+
+
+def der_in(path: Path) -> bytes:
+    return x509.load_pem_x509_certificates(Path(path).read_bytes())[0].public_bytes(serialization.Encoding.DER)
