@@ -106,7 +106,7 @@ def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, 
         snippet = (HERE / "configs" / scenario.snippets / "fastproxy.toml").read_text()
     conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
                            origin_port=origin.port, keepalive=16, access_log="off",
-                           snippet=snippet))
+                           snippet=snippet, tls=""))  # plain scenarios only
     for old in workdir.glob("callgrind.*"):
         old.unlink()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))

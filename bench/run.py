@@ -136,7 +136,7 @@ def measure(target: Target, origin: Origin, sc: Scenario, duration: float, scrip
     other0, steal0, t0 = foreign_cpu_ticks(), steal_ticks(), time.monotonic()
     with RssSampler(roots) as rss, Reloader(target, reload_every) as reloader:
         try:
-            w = run_wrk(f"http://127.0.0.1:{target.port}{sc.path}", sc.connections, duration,
+            w = run_wrk(f"{'https' if sc.tls else 'http'}://127.0.0.1:{target.port}{sc.path}", sc.connections, duration,
                         script, sc.headers, LOAD_CPU)
         except RuntimeError as e:
             logs = target.server.output_tail() if target.server else ""
@@ -191,7 +191,7 @@ def check_targets(sc: Scenario, targets: Dict[str, Target], origin: Origin) -> N
     sent = dict(line.split(": ", 1) for line in sc.headers)
     _, _, want = http_get(origin.port, sc.path, headers=sent)
     for t in targets.values():
-        status, headers, body = http_get(t.port, sc.path, headers=sent)
+        status, headers, body = http_get(t.port, sc.path, headers=sent, tls=sc.tls)
         if headers.get("content-encoding"):
             log(f"  {t.name}: {len(want)} bytes sent as {len(body)} ({headers['content-encoding']})")
             body = decoded(headers, body)
@@ -310,10 +310,10 @@ def main(argv=None) -> int:
             print(f"{s.name:{width}} {s.description}  [{', '.join(s.targets)}]")
         return 0
     scenarios = select(args)
-    # a target runs once per set of config snippets its scenarios need
-    wanted: Dict[Tuple[Optional[str], str], None] = {}
+    # a target runs once per set of config snippets (and TLS or not) its scenarios need
+    wanted: Dict[Tuple[Tuple[Optional[str], bool], str], None] = {}
     for sc in scenarios:
-        wanted.update(dict.fromkeys((sc.snippets, n) for n in scenario_targets(sc, args)))
+        wanted.update(dict.fromkeys(((sc.snippets, sc.tls), n) for n in scenario_targets(sc, args)))
     preflight(list(dict.fromkeys(n for _, n in wanted)))
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -324,11 +324,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     origin = Origin(args.keep)
-    targets: Dict[Tuple[Optional[str], str], Target] = {}
-    for snippets in dict.fromkeys(s for s, _ in wanted):
-        made = make_targets([n for s, n in wanted if s == snippets], origin, args.access_log == "on",
-                            args.keep, args.before.resolve() if args.before else None, snippets)
-        targets.update({(snippets, n): t for n, t in made.items()})
+    targets: Dict[Tuple[Tuple[Optional[str], bool], str], Target] = {}
+    for variant in dict.fromkeys(s for s, _ in wanted):
+        made = make_targets([n for s, n in wanted if s == variant], origin, args.access_log == "on",
+                            args.keep, args.before.resolve() if args.before else None, *variant)
+        targets.update({(variant, n): t for n, t in made.items()})
     results = []
     started = time.monotonic()
     try:
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         # Runs with the access log on keep their own files beside the default ones.
         stem = str(datetime.date.today()) + ("-accesslog" if args.access_log == "on" else "")
         for sc in scenarios:
-            mine = {n: targets[(sc.snippets, n)] for n in scenario_targets(sc, args)}
+            mine = {n: targets[((sc.snippets, sc.tls), n)] for n in scenario_targets(sc, args)}
             if args.profile:
                 profile(sc, mine["fastproxy-1w"], origin, args, workdir, args.out)
                 continue

@@ -14,6 +14,7 @@ ALL_TARGETS = ("direct", "fastproxy-1w", "fastproxy-2w", "nginx-1w", "nginx-2w",
 # The floor is judged on one worker each, so most scenarios run on these alone to keep the
 # default set under ten minutes; get-100b also shows what a second worker brings.
 ONE_WORKER = ("direct", "fastproxy-1w", "nginx-1w", "haproxy-1t")
+PROXIES = ("fastproxy-1w", "nginx-1w", "haproxy-1t")  # for what the origin cannot do (TLS)
 RELOADABLE = ("fastproxy-1w", "nginx-1w", "haproxy-1t")
 
 
@@ -36,6 +37,9 @@ class Scenario:
     # Connection: close); 0: kept for the whole run. Read by bench.callgrind and bench.syscalls,
     # wrk gets it from the scenario's headers or script
     per_connection: int = 0
+    # clients connect over TLS (1.3; an ECDSA P-256 certificate the run makes, the same for
+    # every proxy): the proxies' listeners terminate it
+    tls: bool = False
 
 
 def compressed(coding: str, size: str) -> Scenario:
@@ -83,6 +87,11 @@ SCENARIOS = (
              "/static/16k", targets=("direct", "fastproxy-1w", "nginx-1w"), snippets="static"),
     Scenario("static-1m", "GET a 1 MiB file the proxy serves itself, keep-alive, 64 connections",
              "/static/1m", unit="MB/s", targets=("direct", "fastproxy-1w", "nginx-1w"), snippets="static"),
+    Scenario("tls-keepalive", "GET 100 B over TLS 1.3, keep-alive, 64 connections", "/100b",
+             targets=PROXIES, tls=True),
+    Scenario("tls-handshake", "GET 100 B over TLS 1.3, a new connection (a full handshake) per "
+             "request, 64 connections", "/100b", headers=("Connection: close",), per_connection=1,
+             targets=PROXIES, tls=True),
     Scenario("reload", "GET 100 B, keep-alive, 64 connections, target reloaded every second",
              "/100b", targets=RELOADABLE, reload_every=1.0),
 )

@@ -77,7 +77,7 @@ def run_fastproxy(tree: Path, origin: Origin, scenario: Scenario, n: int, client
     conf = workdir / "fastproxy.toml"
     conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
                            origin_port=origin.port, keepalive=16, access_log="off",
-                           snippet=snippet(scenario, "fastproxy.toml", origin)))
+                           snippet=snippet(scenario, "fastproxy.toml", origin), tls=""))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "fastproxy", "-c", str(conf)], cwd=workdir, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -92,7 +92,7 @@ def run_nginx(origin: Origin, scenario: Scenario, n: int, clients: int, workdir:
         (workdir / d).mkdir(exist_ok=True)
     conf.write_text(render("configs/nginx.conf", dir=workdir, port=port, workers=1,
                            origin_port=origin.port, keepalive=16, access_log="access_log off;",
-                           snippet=snippet(scenario, "nginx.conf", origin)))
+                           snippet=snippet(scenario, "nginx.conf", origin), tls=""))
     proc = subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(conf)], cwd=workdir,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -5,12 +5,14 @@ process group (workers, reload generations) and nothing outlives the runner.
 """
 from __future__ import annotations
 
+import datetime
 import http.client
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,9 +54,14 @@ def render(template: str, **values) -> str:
     return fill((HERE / template).read_text(), **values)
 
 
-def http_get(port: int, path: str, timeout: float = 2.0, headers: Optional[Dict[str, str]] = None):
-    """(status, headers, body) of one GET on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port: int, path: str, timeout: float = 2.0, headers: Optional[Dict[str, str]] = None,
+             tls: bool = False):
+    """(status, headers, body) of one GET on a fresh connection (over TLS: unverified)."""
+    if tls:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
@@ -82,14 +89,14 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, port: int, path: str) -> None:
+    def wait_ready(self, port: int, path: str, tls: bool = False) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
                                    + self.output_tail())
             try:
-                if http_get(port, path, timeout=1.0)[0] == 200:
+                if http_get(port, path, timeout=1.0, tls=tls)[0] == 200:
                     return
             except OSError:
                 pass
@@ -147,8 +154,33 @@ class Workdir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def make_certificate(directory: Path) -> Dict[str, Path]:
+    """The TLS scenarios' certificate, self-signed ECDSA P-256 for "bench": its cert, key and
+    both in one file (HAProxy's form)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("bench")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    files = {"cert": directory / "bench.pem", "key": directory / "bench.key", "both": directory / "bench.both.pem"}
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    files["both"].write_bytes(files["cert"].read_bytes() + files["key"].read_bytes())
+    return files
+
+
 class Origin:
-    """nginx, one worker on the load CPU, serving the files the scenarios fetch."""
+    """nginx, one worker on the load CPU, serving the files the scenarios fetch; it also holds
+    the TLS scenarios' certificate (files)."""
 
     FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20, "64m": 64 << 20}
 
@@ -156,6 +188,7 @@ class Origin:
         self.dir = Workdir("origin", keep)
         self.port = free_port()
         self.server: Optional[Server] = None
+        self.certificate = make_certificate(self.dir.path)
 
     def start(self) -> None:
         d = self.dir.path
@@ -197,11 +230,13 @@ class Target:
     workers = 1
     baseline: Optional[str] = None  # the nginx target this one is compared with
 
-    def __init__(self, origin: Origin, access_log: bool, keep: bool, snippets: Optional[str] = None):
+    def __init__(self, origin: Origin, access_log: bool, keep: bool, snippets: Optional[str] = None,
+                 tls: bool = False):
         self.origin = origin
         self.access_log = access_log
         self.keep = keep
         self.snippets = snippets
+        self.tls = tls  # its listener terminates TLS
         self.port = origin.port
         self.server: Optional[Server] = None
         self.dir: Optional[Workdir] = None
@@ -235,7 +270,17 @@ class Target:
     def _launch(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
         self.server = Server(self.name, argv, self.dir.path, PROXY_CPU if self.pinned else None,
                              env)
-        self.server.wait_ready(self.port, "/100b")
+        self.server.wait_ready(self.port, "/100b", self.tls)
+
+    def tls_config(self, config: str) -> str:
+        """What a TLS scenario adds to the listener in config file `config`."""
+        if not self.tls:
+            return ""
+        files = self.origin.certificate
+        return {"fastproxy.toml": f'[listen.tls]\ncertificates = [{{ cert = "{files["cert"]}", key = "{files["key"]}" }}]',
+                "nginx.conf": f" ssl;\n        ssl_certificate {files['cert']};\n"
+                              f"        ssl_certificate_key {files['key']}",
+                "haproxy.cfg": f" ssl crt {files['both']}"}[config]
 
     def reload(self) -> None:
         raise NotImplementedError(f"{self.name} cannot reload")
@@ -272,7 +317,7 @@ class Nginx(Target):
         self.conf.write_text(render("configs/nginx.conf", dir=d, port=self.port,
                                     workers=self.workers, origin_port=self.origin.port,
                                     keepalive=UPSTREAM_KEEPALIVE, access_log=log,
-                                    snippet=self.snippet("nginx.conf")))
+                                    snippet=self.snippet("nginx.conf"), tls=self.tls_config("nginx.conf")))
         self._launch(["nginx", "-p", str(d), "-c", str(self.conf)])
 
     def reload(self) -> None:
@@ -298,7 +343,8 @@ class HAProxy(Target):
         conf.write_text(render("configs/haproxy.cfg", dir=d, port=self.port,
                                threads=self.workers, origin_port=self.origin.port,
                                keepalive=UPSTREAM_KEEPALIVE, global_log=global_log,
-                               defaults_log=defaults_log, snippet=self.snippet("haproxy.cfg")))
+                               defaults_log=defaults_log, snippet=self.snippet("haproxy.cfg"),
+                               tls=self.tls_config("haproxy.cfg")))
         self._launch(["haproxy", "-W", "-f", str(conf)])
 
     def reload(self) -> None:
@@ -322,7 +368,7 @@ class FastProxy(Target):
                                workers=self.workers, origin_port=self.origin.port,
                                keepalive=UPSTREAM_KEEPALIVE,
                                access_log=d / "access.log" if self.access_log else "off",
-                               snippet=self.snippet("fastproxy.toml")))
+                               snippet=self.snippet("fastproxy.toml"), tls=self.tls_config("fastproxy.toml")))
         # The checkout measured: this bench's own, or the one given with --before.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.tree),
@@ -334,9 +380,11 @@ class FastProxy(Target):
 
 
 def make_targets(names, origin: Origin, access_log: bool, keep: bool,
-                 before: Optional[Path] = None, snippets: Optional[str] = None) -> Dict[str, Target]:
-    """Targets by name; with `snippets`, their configs get a scenario's additions."""
-    common = (origin, access_log, keep, snippets)
+                 before: Optional[Path] = None, snippets: Optional[str] = None,
+                 tls: bool = False) -> Dict[str, Target]:
+    """Targets by name; with `snippets`, their configs get a scenario's additions; with `tls`,
+    their listener terminates TLS."""
+    common = (origin, access_log, keep, snippets, tls)
     kinds = {"direct": lambda: Direct(*common)}
     for n in (1, 2):
         kinds[f"fastproxy-{n}w"] = lambda n=n: FastProxy(n, *common)
