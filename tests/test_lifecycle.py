@@ -11,10 +11,12 @@ import signal
 import socket
 import threading
 import time
+from functools import partial
 
 import pytest
 
 from harness.client import RawClient, ServerClosed, build_request, fetch
+from harness.load import Load
 from harness.proxy import ProxyProcess, cmdline, free_port, pid_alive, respond, upstream, wait_until
 
 
@@ -144,60 +146,20 @@ def test_zero_downtime_reload_under_load(make_proxy, origin, deferred):
     p.write_config(config(origin) | {"listen": [listen]})
     p.start()
     gen0 = p.generation()
-    stop = threading.Event()
-    lock = threading.Lock()
-    failures = []
-    counts = {"ok": 0, "connections": 0}
+    load = Load()
 
-    def record(kind, detail):
-        with lock:
-            failures.append((kind, detail))
-
-    def keepalive_client(i):
+    def exchange(i, c):
         target = "/hello" if i % 2 else f"/api/echo?client={i}"
         body = b"p" * 20000 if i % 4 == 2 else b""  # a quarter of the clients POST a body
-        c = None
-        while not stop.is_set():
-            try:
-                if c is None:
-                    c = RawClient(p.port, timeout=20)
-                    with lock:
-                        counts["connections"] += 1
-                r = c.request("POST" if body else "GET", target, body=body)
-                if r.status != 200 or (body and r.json()["body_len"] != len(body)):
-                    record("status", r)
-                else:
-                    with lock:
-                        counts["ok"] += 1
-                if r.has_token("connection", "close"):
-                    c.close()
-                    c = None
-            except Exception as e:
-                record(type(e).__name__, str(e)[:200])
-                if c is not None:
-                    c.close()
-                c = None
-        if c is not None:
-            c.close()
+        r = c.request("POST" if body else "GET", target, body=body)
+        return r, r.status == 200 and not (body and r.json()["body_len"] != len(body))
 
-    def fresh_client(i):
-        while not stop.is_set():
-            try:
-                r = fetch(p.port, "GET", "/hello" if i % 2 else "/api/echo?fresh", [("Connection", "close")],
-                          timeout=20)
-                if r.status != 200:
-                    record("status", r)
-                else:
-                    with lock:
-                        counts["ok"] += 1
-                        counts["connections"] += 1
-            except Exception as e:
-                record(type(e).__name__, str(e)[:200])
+    def fresh(i):
+        return fetch(p.port, "GET", "/hello" if i % 2 else "/api/echo?fresh", [("Connection", "close")],
+                     timeout=20)
 
-    threads = [threading.Thread(target=keepalive_client, args=(i,), daemon=True) for i in range(64)]
-    threads += [threading.Thread(target=fresh_client, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
+    load.start(*[(load.keepalive, lambda: RawClient(p.port, timeout=20), partial(exchange, i)) for i in range(64)],
+               *[(load.fresh, partial(fresh, i)) for i in range(4)])
     hups = 0
     try:
         for _ in range(10):
@@ -206,10 +168,8 @@ def test_zero_downtime_reload_under_load(make_proxy, origin, deferred):
             hups += 1
     finally:
         time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not any(t.is_alive() for t in threads), "load threads hung"
+        load.finish()
+    failures, counts = load.failures, load.counts
     st = p.wait_generation(gen0, timeout=30)
     print(f"zero-downtime: {counts}, {hups} HUPs, generation {gen0} -> {st['generation']}, "
           f"{len(failures)} failures")

@@ -8,14 +8,14 @@ import hashlib
 import json
 import shutil
 import signal
-import socket
 import ssl
-import threading
 import time
+from functools import partial
 
 import pytest
 
 from harness.client import RawClient, ServerClosed, TlsClient, fetch
+from harness.load import Load
 from harness.pki import CA, der_in, serial_in, serial_of
 from harness.proxy import free_port, summed_metric, upstream, wait_until
 
@@ -245,11 +245,22 @@ def test_bad_request_over_tls_is_answered_and_closed(make_proxy, origin, pki):
     assert "Traceback" not in p.error_log.read_text()  # TLS has no half-close to linger with
 
 
-def _swap(certs_dir, stem, cert, key):
-    """Replace the files as certbot does: new files renamed over the old ones."""
-    for source, target in ((cert, certs_dir / f"{stem}.pem"), (key, certs_dir / f"{stem}.key")):
+def _swap(site, cert, key):
+    """Replace site.pem and site.key as certbot does: new files renamed over the old ones."""
+    for source, target in ((cert, site / "site.pem"), (key, site / "site.key")):
         shutil.copy(source, str(target) + ".new")
-        (certs_dir / (target.name + ".new")).rename(target)
+        (site / (target.name + ".new")).rename(target)
+
+
+def site_proxy(make_proxy, origin, ca, tmp_path, stem, workers=1):
+    """A proxy serving site.test from files swapped in place; its certificate and a second
+    one for the same name."""
+    site = tmp_path / "site"
+    site.mkdir()
+    first, second = ca.issue(f"{stem}-1", ["site.test"]), ca.issue(f"{stem}-2", ["site.test"])
+    _swap(site, *first)
+    tls = {"certificates": [{"cert": str(site / "site.pem"), "key": str(site / "site.key")}]}
+    return start(make_proxy, origin, tls, workers=workers), site, first, second
 
 
 @pytest.mark.slow
@@ -258,72 +269,29 @@ def test_hup_serves_swapped_certificate_under_load_with_no_failure(make_proxy, o
     while the certificate files are replaced and HUP reloads: nothing fails, new handshakes get
     the new certificate, and a session from before the reload still resumes after it."""
     ca, _ = pki
-    site = tmp_path / "site"
-    site.mkdir()
-    old_cert, old_key = ca.issue("old", ["site.test"])
-    new_cert, new_key = ca.issue("new", ["site.test"])
-    _swap(site, "site", old_cert, old_key)
-    tls = {"certificates": [{"cert": str(site / "site.pem"), "key": str(site / "site.key")}]}
-    p = start(make_proxy, origin, tls, workers=2)
+    p, site, old, new = site_proxy(make_proxy, origin, ca, tmp_path, "swap", workers=2)
     context = client_context(ca)
     with handshake(p.tls_port, context, "site.test") as c:
         assert c.request("GET", "/hello", [("Host", "site.test")]).status == 200
         before_hup = c.sock.session
-    assert served_serial(p.tls_port, context, "site.test") == serial_in(old_cert)
-    stop = threading.Event()
-    lock = threading.Lock()
-    failures, counts = [], {"ok": 0, "handshakes": 0}
+    assert served_serial(p.tls_port, context, "site.test") == serial_in(old[0])
+    load = Load()
 
-    def record(kind, detail):
-        with lock:
-            failures.append((kind, detail))
+    def exchange(i, c):
+        r = c.request("GET", "/hello" if i % 2 else f"/api/echo?client={i}", [("Host", "site.test")])
+        return r, r.status == 200
 
-    def keepalive_client(i):
-        target = "/hello" if i % 2 else f"/api/echo?client={i}"
-        c = None
-        while not stop.is_set():
-            try:
-                if c is None:
-                    c = handshake(p.tls_port, context, "site.test")
-                r = c.request("GET", target, [("Host", "site.test")])
-                if r.status != 200:
-                    record("status", r)
-                else:
-                    with lock:
-                        counts["ok"] += 1
-                if r.has_token("connection", "close"):
-                    c.close()
-                    c = None
-            except Exception as e:
-                record(type(e).__name__, str(e)[:200])
-                if c is not None:
-                    c.close()
-                c = None
-        if c is not None:
-            c.close()
+    def fresh():
+        with handshake(p.tls_port, context, "site.test", timeout=20) as c:
+            return c.request("GET", "/hello", [("Host", "site.test"), ("Connection", "close")])
 
-    def fresh_client(i):
-        while not stop.is_set():
-            try:
-                with handshake(p.tls_port, context, "site.test", timeout=20) as c:
-                    r = c.request("GET", "/hello", [("Host", "site.test"), ("Connection", "close")])
-                if r.status != 200:
-                    record("status", r)
-                else:
-                    with lock:
-                        counts["ok"] += 1
-                        counts["handshakes"] += 1
-            except Exception as e:
-                record(type(e).__name__, str(e)[:200])
-
-    threads = [threading.Thread(target=keepalive_client, args=(i,), daemon=True) for i in range(64)]
-    threads += [threading.Thread(target=fresh_client, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
+    load.start(*[(load.keepalive, partial(handshake, p.tls_port, context, "site.test", timeout=20),
+                  partial(exchange, i)) for i in range(64)],
+               *[(load.fresh, fresh) for _ in range(4)])
     try:
         time.sleep(1)
         gen = p.generation()
-        _swap(site, "site", new_cert, new_key)
+        _swap(site, *new)
         p.signal(signal.SIGHUP)
         p.wait_generation(gen, timeout=30, settled=False)
         time.sleep(1)
@@ -331,14 +299,11 @@ def test_hup_serves_swapped_certificate_under_load_with_no_failure(make_proxy, o
         p.wait_generation(gen + 1, timeout=30, settled=False)
         time.sleep(1)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not any(t.is_alive() for t in threads), "load threads hung"
-    print(f"tls reload: {counts}, {len(failures)} failures")
-    assert not failures, f"{len(failures)} failures out of {counts}; first: {failures[:10]}"
-    assert counts["handshakes"] > 10, counts
-    assert served_serial(p.tls_port, context, "site.test") == serial_in(new_cert)
+        load.finish()
+    print(f"tls reload: {load.counts}, {len(load.failures)} failures")
+    assert not load.failures, f"{len(load.failures)} failures out of {load.counts}; first: {load.failures[:10]}"
+    assert load.counts["connections"] > 64 + 10, load.counts  # the fresh clients' handshakes
+    assert served_serial(p.tls_port, context, "site.test") == serial_in(new[0])
     with handshake(p.tls_port, context, "site.test", session=before_hup) as c:
         assert c.request("GET", "/hello", [("Host", "site.test")]).status == 200
         assert c.sock.session_reused, "the ticket from before the reloads was not accepted"
@@ -346,21 +311,15 @@ def test_hup_serves_swapped_certificate_under_load_with_no_failure(make_proxy, o
 
 def test_hup_with_mismatched_key_keeps_old_certificate(make_proxy, origin, pki, tmp_path):
     ca, _ = pki
-    site = tmp_path / "site"
-    site.mkdir()
-    old_cert, old_key = ca.issue("old2", ["site.test"])
-    other_cert, other_key = ca.issue("other2", ["site.test"])
-    _swap(site, "site", old_cert, old_key)
-    tls = {"certificates": [{"cert": str(site / "site.pem"), "key": str(site / "site.key")}]}
-    p = start(make_proxy, origin, tls)
+    p, site, old, new = site_proxy(make_proxy, origin, ca, tmp_path, "mismatch")
     gen = p.generation()
-    _swap(site, "site", other_cert, old_key)  # a new certificate, the old key
+    _swap(site, new[0], old[1])  # a new certificate, the old key
     p.signal(signal.SIGHUP)
     wait_until(lambda: "reload failed" in p.error_log.read_text(), 10, message="the reload to fail")
     log = p.error_log.read_text()
     assert "listen[1].tls.certificates[0].key" in log and "is not the key of the certificate" in log, log
     assert p.generation() == gen
-    assert served_serial(p.tls_port, client_context(ca), "site.test") == serial_in(old_cert)
+    assert served_serial(p.tls_port, client_context(ca), "site.test") == serial_in(old[0])
 
 
 def test_config_test_reports_every_certificate_problem_with_its_key(make_proxy, pki, tmp_path):

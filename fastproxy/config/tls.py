@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .runtime import RedirectHttps, Tls
-from .schema import (REQUIRED, TABLE, Boolean, Choice, HeaderValue, Invalid, Key, Kind, ListOf, OFF, Report,
+from .schema import (REQUIRED, TABLE, Choice, HeaderValue, Invalid, Key, Kind, ListOf, OFF, Report,
                      Section, String, Table)
 
 # Mozilla's "intermediate" TLS 1.2 suites without finite-field DHE: forward secrecy and AEAD only.

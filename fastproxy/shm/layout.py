@@ -30,7 +30,7 @@ Concurrency rule (one per section; docs/metrics.md says it in full):
 from __future__ import annotations
 
 # What the Cython side defines, for the offsets below and the reader's labels.
-from fastproxy._core import (  # noqa: F401 (DURATION_BUCKETS, CODING_NAMES: re-exported for the reader)
+from fastproxy._core import (  # noqa: F401 (the names' tuples: re-exported for the reader)
     CODING_NAMES, DURATION_BUCKETS, MIRROR_RESULT_NAMES, TLS_FAILURE_NAMES, TLS_VERSION_NAMES, UNROUTED_ROUTE,
     UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE, metrics_slot_size)
 
