@@ -90,6 +90,17 @@ def test_sni_picks_certificate_by_san_names_and_default(make_proxy, origin, pki)
         assert c.sock.selected_alpn_protocol() is None  # the client offered none
 
 
+def test_rsa_and_ecdsa_certificates_for_the_same_names(make_proxy, origin, pki):
+    """The client's algorithms pick: an RSA-only TLS 1.2 suite gets the RSA certificate."""
+    ca, certs = pki
+    rsa_a = ca.issue("a-rsa2", NAMES["a"], kind="rsa")
+    p = start(make_proxy, origin, {"certificates": [{"cert": str(c), "key": str(k)} for c, k in (certs["a"], rsa_a)]})
+    for suite, want in (("ECDHE-RSA-AES128-GCM-SHA256", rsa_a), ("ECDHE-ECDSA-AES128-GCM-SHA256", certs["a"])):
+        context = client_context(ca, ssl.TLSVersion.TLSv1_2)
+        context.set_ciphers(suite)
+        assert served_serial(p.tls_port, context, "a.test") == serial_in(want[0]), suite
+
+
 def test_unknown_sni_reject_fails_the_handshake(make_proxy, origin, pki):
     ca, certs = pki
     p = start(make_proxy, origin, tls_config(certs, unknown_sni="reject"))
@@ -164,6 +175,17 @@ def test_client_verify_required(make_proxy, origin, pki):
     text = p.metrics()
     assert summed_metric(text, "fastproxy_tls_handshake_failures_total", reason="no_client_certificate") == 1
     assert summed_metric(text, "fastproxy_tls_handshake_failures_total", reason="bad_client_certificate") == 1
+
+
+def test_client_verify_optional(make_proxy, origin, pki):
+    ca, certs = pki
+    bob = ca.issue("bob", cn="bob", client=True)
+    p = start(make_proxy, origin, tls_config(certs, client_verify="optional", client_ca=str(ca.path)))
+    for cert, subject in ((None, []), (bob, ["CN=bob,O=fastproxy tests"])):
+        with handshake(p.tls_port, client_context(ca, cert=cert), "a.test") as c:
+            r = c.request("GET", "/api/echo", [("Host", "a.test")])
+        assert r.status == 200, r
+        assert [v for k, v in r.json()["headers"] if k.lower() == "x-client-cert-subject"] == subject
 
 
 def test_forwarded_proto_hsts_and_client_cert_headers_stripped(make_proxy, origin, pki):
@@ -346,10 +368,18 @@ def test_config_test_reports_every_certificate_problem_with_its_key(make_proxy, 
         lines = [line for line in result.stderr.splitlines() if f": {key}: " in line]
         assert len(lines) == 1 and reason in lines[0], (key, result.stderr)
 
+    rsa_a = ca.issue("a-rsa", NAMES["a"], kind="rsa")
     p.write_config({"listen": [{"address": f"127.0.0.1:{p.port}"},
                                {"address": f"127.0.0.1:{free_port()}", "tls": {"certificates": [
-                                   {"cert": str(certs["a"][0]), "key": str(certs["a"][1])},
-                                   {"cert": str(soon[0]), "key": str(soon[1])}]}}],
+                                   {"cert": str(c), "key": str(k)} for c, k in (certs["a"], rsa_a, certs["a"])]}}],
+                    "routes": [{"respond": {"status": 200}}]})
+    result = p.run_cli("-t", "-c", str(p.config_path))
+    assert result.returncode == 1 and "listen[1].tls.certificates[2]: a second ECDSA certificate for the same " \
+        "names" in result.stderr, result.stderr  # an RSA and an ECDSA one may share names
+
+    p.write_config({"listen": [{"address": f"127.0.0.1:{p.port}"},
+                               {"address": f"127.0.0.1:{free_port()}", "tls": {"certificates": [
+                                   {"cert": str(c), "key": str(k)} for c, k in (certs["a"], rsa_a, soon)]}}],
                     "routes": [{"respond": {"status": 200}}]})
     result = p.run_cli("-t", "-c", str(p.config_path))
     assert result.returncode == 0, result

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from .runtime import RedirectHttps, Tls
@@ -155,7 +156,9 @@ class _Certificate:
         if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
             raise _Problem(f"{key}.key", f"{self.key_path} is not the key of the certificate in {self.cert_path}")
         self.names = _names(leaf)
-        self.key_type = type(private.public_key()).__name__
+        public = private.public_key()
+        self.key_type = ("RSA" if isinstance(public, rsa.RSAPublicKey) else
+                         "ECDSA" if isinstance(public, ec.EllipticCurvePublicKey) else type(public).__name__)
 
 
 def _context(tls: dict, base: str) -> ssl.SSLContext:
@@ -232,8 +235,8 @@ def build(listener: dict, where: str, base: str, report: Report) -> Optional[Tls
     for index, certificate in enumerate(certificates):
         names = tuple(sorted(certificate.names))
         if certificate.key_type in types.setdefault(names, []):
-            report(f"{where}.certificates[{index}]", f"a second {certificate.key_type.replace('PublicKey', '')} "
-                                                     f"certificate for the same names")
+            report(f"{where}.certificates[{index}]", f"a second {certificate.key_type} certificate for the same "
+                                                     f"names (one RSA and one ECDSA may share them)")
             return None
         types[names].append(certificate.key_type)
         context = groups.get(names) or groups.setdefault(names, _context(tls, base))
