@@ -10,6 +10,7 @@ import shutil
 import signal
 import ssl
 import time
+import warnings
 from functools import partial
 
 import pytest
@@ -116,7 +117,9 @@ def test_unknown_sni_reject_fails_the_handshake(make_proxy, origin, pki):
 def test_versions_tls11_refused_12_and_13_negotiated(make_proxy, origin, pki):
     ca, certs = pki
     p = start(make_proxy, origin, tls_config(certs))
-    old = client_context(ca, ssl.TLSVersion.TLSv1_1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is: that is the point
+        old = client_context(ca, ssl.TLSVersion.TLSv1_1)
     old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so this client can offer TLS 1.1 at all
     with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):  # the server's alert, not a local refusal
         handshake(p.tls_port, old, "a.test")

@@ -227,7 +227,7 @@ def build(listener: dict, where: str, base: str, report: Report) -> Optional[Tls
         problems += policy.problems
     for problem in problems:
         report(f"{where}.{problem.key}", problem.reason)
-    if problems:
+    if problems or listener.get("address") is None:  # a bad address is reported already
         return None
     # One context per set of names: an RSA and an ECDSA certificate for the same names share it.
     groups: Dict[Tuple[str, ...], ssl.SSLContext] = {}

@@ -25,6 +25,9 @@ TLS_FAILURE_BY_REASON = {
 # The worker's metrics writer, for TlsHandshake, which uvloop creates (one per process).
 cdef MetricsWriter tls_metrics = None
 
+cdef bytes TLS12 = b"TLSv1.2"  # for the access log
+cdef bytes TLS13 = b"TLSv1.3"
+
 
 class TlsHandshake(ssl.SSLObject):
     """The SSL object of a listener's connections (the front context's sslobject_class): it
@@ -122,10 +125,6 @@ cdef class TlsListener:
         # uvloop's SSL transport starts with its own, larger limits
         transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
         return 0
-
-
-cdef bytes TLS12 = b"TLSv1.2"
-cdef bytes TLS13 = b"TLSv1.3"
 
 
 @cython.final
