@@ -180,6 +180,24 @@ def test_client_verify_required(make_proxy, origin, pki):
     assert summed_metric(text, "fastproxy_tls_handshake_failures_total", reason="bad_client_certificate") == 1
 
 
+def test_hup_takes_a_new_client_ca(make_proxy, origin, pki, tmp_path):
+    """Client certificates are verified against the CAs of the chosen certificate's context,
+    which a reload makes anew (the front context, kept for its ticket keys, holds none)."""
+    ca, certs = pki
+    other = CA(tmp_path / "other", "other CA")
+    carol = other.issue("carol", cn="carol", client=True)
+    bundle = tmp_path / "clients.pem"
+    bundle.write_bytes(ca.path.read_bytes())
+    p = start(make_proxy, origin, tls_config(certs, client_verify="required", client_ca=str(bundle)))
+    with pytest.raises((ssl.SSLError, ConnectionError, ServerClosed)):
+        with handshake(p.tls_port, client_context(ca, cert=carol), "a.test") as c:
+            c.request("GET", "/hello", [("Host", "a.test")])
+    bundle.write_bytes(other.path.read_bytes())
+    p.reload()
+    with handshake(p.tls_port, client_context(ca, cert=carol), "a.test") as c:
+        assert c.request("GET", "/hello", [("Host", "a.test")]).status == 200
+
+
 def test_client_verify_optional(make_proxy, origin, pki):
     ca, certs = pki
     bob = ca.issue("bob", cn="bob", client=True)

@@ -7,9 +7,10 @@ resumed on any worker succeeds. OpenSSL encrypts and decrypts tickets with the k
 context a connection started with; the SNI callback then switches the connection to the
 context of the chosen certificate (`sslobj.context = ...`), which brings the certificate,
 the client CAs and ALPN, while version, ciphers and client verification stay those of the
-first context. That first, "front" context holds no certificate and is kept for the master's
-life per listener address and policy (`_FRONTS`), so tickets stay valid across reloads that
-keep the policy; a reload that changes min_version, ciphers or client_verify starts new keys.
+first context. That first, "front" context holds no certificate nor client CA and is kept
+for the master's life per listener address and policy (`_FRONTS`), so tickets stay valid
+across reloads that keep the policy; a reload that changes min_version, ciphers,
+client_verify or alpn starts new keys.
 """
 from __future__ import annotations
 
@@ -155,14 +156,16 @@ class _Certificate:
         spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
             raise _Problem(f"{key}.key", f"{self.key_path} is not the key of the certificate in {self.cert_path}")
-        self.names = _names(leaf)
         public = private.public_key()
+        self.names = _names(leaf)
         self.key_type = ("RSA" if isinstance(public, rsa.RSAPublicKey) else
                          "ECDSA" if isinstance(public, ec.EllipticCurvePublicKey) else type(public).__name__)
 
 
-def _context(tls: dict, base: str) -> ssl.SSLContext:
-    """A server context with the listener's policy and no certificate; raises _Problems."""
+def _context(tls: dict, base: str, client_ca: bool = True) -> ssl.SSLContext:
+    """A server context with the listener's policy and no certificate; raises _Problems.
+    Client certificates are verified against the CAs of the context the SNI callback chose,
+    so the front context goes without (client_ca false): a reload takes a new client_ca."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[tls["min_version"]]
     context.options |= ssl.OP_NO_RENEGOTIATION
@@ -173,11 +176,9 @@ def _context(tls: dict, base: str) -> ssl.SSLContext:
         context.set_ciphers(tls["ciphers"])
     except ssl.SSLError:
         problems.append(_Problem("ciphers", f"no cipher suite that OpenSSL knows in \"{tls['ciphers']}\""))
-    if tls["client_verify"] == "off":
-        pass
-    elif tls["client_ca"] is None:
+    if tls["client_verify"] != "off" and tls["client_ca"] is None:
         problems.append(_Problem("client_ca", f"required with client_verify = \"{tls['client_verify']}\""))
-    else:
+    elif tls["client_verify"] != "off" and client_ca:
         path = os.path.join(base, tls["client_ca"])
         try:
             _read(path, "client_ca")
@@ -199,7 +200,7 @@ def _front(address, tls: dict, base: str) -> ssl.SSLContext:
     policy = (str(address), tls["min_version"], tls["ciphers"], tls["client_verify"], tuple(tls["alpn"]))
     front = _FRONTS.get(policy)
     if front is None:
-        front = _FRONTS[policy] = _context(tls, base)
+        front = _FRONTS[policy] = _context(tls, base, client_ca=False)
     return front
 
 
