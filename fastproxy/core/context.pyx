@@ -212,7 +212,9 @@ cdef class WorkerCore:
             if listener.tls is None and listener.route is None:
                 factories.append(self.protocol_factory)
                 continue
-            router = self.router if listener.route is None else Router([self.compile_route(listener.route, next(ids))])
+            router = self.router
+            if listener.route is not None:
+                router = Router([self.compile_route(listener.route, next(ids))])
             tls = None if listener.tls is None else TlsListener(listener.tls, self.metrics)
             factories.append(Listening(self, router, tls))
         return tuple(factories)

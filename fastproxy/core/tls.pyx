@@ -32,8 +32,18 @@ cdef bytes TLS13 = b"TLSv1.3"
 class TlsHandshake(ssl.SSLObject):
     """The SSL object of a listener's connections (the front context's sslobject_class): it
     counts the handshakes that fail, by reason, which uvloop drops without telling the
-    protocol, and makes sure the client hears why. Reads and writes are SSLObject's own."""
+    protocol, and makes sure the client hears why."""
     failed = None  # the error of a failed handshake, once its alert is on its way
+
+    @classmethod
+    def _create(cls, *args, **kwargs):
+        """What wrap_bio makes. uvloop calls read, write and pending on every record: give it
+        the C methods themselves rather than SSLObject's Python wrappers around them (the same
+        arguments; 1,700 instructions less per request on a kept connection)."""
+        self = super(TlsHandshake, cls)._create(*args, **kwargs)
+        sslobj = self._sslobj
+        self.read, self.write, self.pending = sslobj.read, sslobj.write, sslobj.pending
+        return self
 
     def do_handshake(self):
         if self.failed is not None:
