@@ -1,8 +1,9 @@
 """TLS on listeners, config half: the `[listen.tls]` and `redirect_https` keys, their checks,
 and the SSL contexts, built in the master once per (re)load (docs/tls.md).
 
-Contexts are made here, before the workers fork, so that keys only root may read work when
-workers run unprivileged, and so every worker holds the same session ticket keys: a session
+Contexts are made here, before the workers fork, so that only the master reads the keys (the
+workers could run as a user that cannot), and so every worker holds the same session ticket
+keys: a session
 resumed on any worker succeeds. OpenSSL encrypts and decrypts tickets with the keys of the
 context a connection started with; the SNI callback then switches the connection to the
 context of the chosen certificate (`sslobj.context = ...`), which brings the certificate,
