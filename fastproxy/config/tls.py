@@ -3,8 +3,7 @@ and the SSL contexts, built in the master once per (re)load (docs/tls.md).
 
 Contexts are made here, before the workers fork, so that only the master reads the keys (the
 workers could run as a user that cannot), and so every worker holds the same session ticket
-keys: a session
-resumed on any worker succeeds. OpenSSL encrypts and decrypts tickets with the keys of the
+keys: a session resumed on any worker succeeds. OpenSSL encrypts and decrypts tickets with the keys of the
 context a connection started with; the SNI callback then switches the connection to the
 context of the chosen certificate (`sslobj.context = ...`), which brings the certificate,
 the client CAs and ALPN, while version, ciphers and client verification stay those of the
