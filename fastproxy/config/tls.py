@@ -1,15 +1,15 @@
 """TLS on listeners, config half: the `[listen.tls]` and `redirect_https` keys, their checks,
 and the SSL contexts, built in the master once per (re)load (docs/tls.md).
 
-Contexts are made here, before the workers fork, so that only the master reads the keys (the
-workers could run as a user that cannot), and so every worker holds the same session ticket
-keys: a session resumed on any worker succeeds. OpenSSL encrypts and decrypts tickets with the keys of the
-context a connection started with; the SNI callback then switches the connection to the
-context of the chosen certificate (`sslobj.context = ...`), which brings the certificate,
-the client CAs and ALPN, while version, ciphers and client verification stay those of the
-first context. That first, "front" context holds no certificate nor client CA and is kept
-for the master's life per listener address and policy (`_FRONTS`), so tickets stay valid
-across reloads that keep the policy; a reload that changes min_version, ciphers,
+Contexts are made here, before the workers fork, so that only the master reads the keys
+(the workers could run as a user that cannot), and so every worker holds the same session
+ticket keys: a session resumed on any worker succeeds. OpenSSL encrypts and decrypts tickets
+with the keys of the context a connection started with; the SNI callback then switches the
+connection to the context of the chosen certificate (`sslobj.context = ...`), which brings
+the certificate, the client CAs and ALPN, while version, ciphers and client verification
+stay those of the first context. That first, "front" context holds no certificate nor client
+CA and is kept for the master's life per listener address and policy (`_FRONTS`), so tickets
+stay valid across reloads that keep the policy; a reload that changes min_version, ciphers,
 client_verify or alpn starts new keys.
 """
 from __future__ import annotations
