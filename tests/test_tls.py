@@ -277,6 +277,15 @@ def test_static_file_over_tls_and_json_log(make_proxy, origin, pki, tmp_path):
     assert plain and "tls_protocol" not in plain[0]
 
 
+def test_plain_http_to_a_tls_port_is_closed(make_proxy, origin, pki):
+    ca, certs = pki
+    p = start(make_proxy, origin, tls_config(certs))
+    with RawClient(p.tls_port, timeout=5) as c:
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert c.is_closed()  # OpenSSL has no alert for it: nothing to wait for (else 60 s)
+    assert summed_metric(p.metrics(), "fastproxy_tls_handshake_failures_total", reason="not_tls") == 1
+
+
 def test_bad_request_over_tls_is_answered_and_closed(make_proxy, origin, pki):
     ca, certs = pki
     p = start(make_proxy, origin, tls_config(certs))

@@ -36,11 +36,12 @@ class TlsHandshake(ssl.SSLObject):
     failed = None  # the error of a failed handshake, once its alert is on its way
 
     @classmethod
-    def _create(cls, *args, **kwargs):
+    def _create(cls, incoming, outgoing, *args, **kwargs):
         """What wrap_bio makes. uvloop calls read, write and pending on every record: give it
         the C methods themselves rather than SSLObject's Python wrappers around them (the same
         arguments; 1,700 instructions less per request on a kept connection)."""
-        self = super(TlsHandshake, cls)._create(*args, **kwargs)
+        self = super(TlsHandshake, cls)._create(incoming, outgoing, *args, **kwargs)
+        self.outgoing = outgoing  # what uvloop sends: an alert, after a failure
         sslobj = self._sslobj
         self.read, self.write, self.pending = sslobj.read, sslobj.write, sslobj.pending
         return self
@@ -55,6 +56,8 @@ class TlsHandshake(ssl.SSLObject):
         except ssl.SSLError as error:
             if tls_metrics is not None:
                 tls_metrics.tls_failure(TLS_FAILURE_BY_REASON.get(error.reason, TLS_FAIL_OTHER))
+            if not self.outgoing.pending:
+                raise  # no alert to send (plain HTTP, say): closed at once
             # uvloop closes at once on a failure, dropping the alert OpenSSL wrote (the client
             # would see a bare EOF): answered "want read", it sends the alert first, as for a
             # handshake that waits; the client's close, its next bytes (then this error) or
