@@ -18,6 +18,7 @@ import pytest
 from harness.client import RawClient, ServerClosed, TlsClient, fetch
 from harness.load import Load
 from harness.pki import CA, der_in, serial_in, serial_of
+from test_websocket import handshake as ws_handshake
 from harness.proxy import free_port, summed_metric, upstream, wait_until
 
 NAMES = {"a": ["a.test"], "b": ["b.test", "www.b.test"], "w": ["*.w.test"]}
@@ -284,6 +285,18 @@ def test_plain_http_to_a_tls_port_is_closed(make_proxy, origin, pki):
         c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert c.is_closed()  # OpenSSL has no alert for it: nothing to wait for (else 60 s)
     assert summed_metric(p.metrics(), "fastproxy_tls_handshake_failures_total", reason="not_tls") == 1
+
+
+def test_websocket_over_tls(make_proxy, origin, pki):
+    ca, certs = pki
+    p = start(make_proxy, origin, tls_config(certs, hsts="max-age=60"))
+    with handshake(p.tls_port, client_context(ca), "a.test") as c:
+        r = ws_handshake(c, "/api/ws")
+        assert r.header("Strict-Transport-Security") == "max-age=60"
+        assert c.ws_recv() == (0x1, b"hello")
+        payload = bytes(range(256)) * 1000
+        c.ws_send(0x2, payload)
+        assert c.ws_recv() == (0x2, payload)
 
 
 def test_bad_request_over_tls_is_answered_and_closed(make_proxy, origin, pki):
