@@ -277,7 +277,8 @@ class Target:
         if not self.tls:
             return ""
         files = self.origin.certificate
-        return {"fastproxy.toml": f'[listen.tls]\ncertificates = [{{ cert = "{files["cert"]}", key = "{files["key"]}" }}]',
+        return {"fastproxy.toml": f'[listen.tls]\ncertificates = [{{ cert = "{files["cert"]}", '
+                                  f'key = "{files["key"]}" }}]',
                 # nginx before 1.23.4 leaves TLS 1.3 out unless told: wrk then gets TLS 1.2
                 "nginx.conf": f" ssl;\n        ssl_protocols TLSv1.2 TLSv1.3;\n"
                               f"        ssl_certificate {files['cert']};\n        ssl_certificate_key {files['key']}",
