@@ -278,13 +278,18 @@ def test_static_file_over_tls_and_json_log(make_proxy, origin, pki, tmp_path):
     assert plain and "tls_protocol" not in plain[0]
 
 
-def test_plain_http_to_a_tls_port_is_closed(make_proxy, origin, pki):
+def test_plain_http_to_a_tls_port_is_answered_400_and_garbage_closed(make_proxy, origin, pki):
     ca, certs = pki
     p = start(make_proxy, origin, tls_config(certs))
     with RawClient(p.tls_port, timeout=5) as c:
         c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = c.read_response()
+        assert (r.status, r.header("Connection"), r.json()["status"]) == (400, "close", 400), r
+    with RawClient(p.tls_port, timeout=5) as c:
+        c.send(b"\x00" * 64)
         assert c.is_closed()  # OpenSSL has no alert for it: nothing to wait for (else 60 s)
-    assert summed_metric(p.metrics(), "fastproxy_tls_handshake_failures_total", reason="not_tls") == 1
+    wait_until(lambda: summed_metric(p.metrics(), "fastproxy_tls_handshake_failures_total",
+                                     reason="not_tls") == 2, 5, message="2 not_tls failures")
 
 
 def test_websocket_over_tls(make_proxy, origin, pki):

@@ -22,6 +22,13 @@ TLS_FAILURE_BY_REASON = {
     "UNEXPECTED_MESSAGE": TLS_FAIL_NOT_TLS,
 }
 
+# What a plain HTTP request to a TLS port gets, unencrypted (as nginx answers it): a client
+# that reads it learns its mistake instead of seeing the connection drop.
+cdef bytes PLAIN_HTTP_BODY = b'{"status":400,"error":"plain HTTP request sent to an HTTPS port"}\n'
+cdef bytes PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%s" % (len(PLAIN_HTTP_BODY), PLAIN_HTTP_BODY))
+
 # The worker's metrics writer, for TlsHandshake, which uvloop creates (one per process).
 cdef MetricsWriter tls_metrics = None
 
@@ -56,8 +63,10 @@ class TlsHandshake(ssl.SSLObject):
         except ssl.SSLError as error:
             if tls_metrics is not None:
                 tls_metrics.tls_failure(TLS_FAILURE_BY_REASON.get(error.reason, TLS_FAIL_OTHER))
+            if error.reason == "HTTP_REQUEST":
+                self.outgoing.write(PLAIN_HTTP_ANSWER)
             if not self.outgoing.pending:
-                raise  # no alert to send (plain HTTP, say): closed at once
+                raise  # nothing to send (bytes that are not TLS): closed at once
             # uvloop closes at once on a failure, dropping the alert OpenSSL wrote (the client
             # would see a bare EOF): answered "want read", it sends the alert first, as for a
             # handshake that waits; the client's close, its next bytes (then this error) or
