@@ -68,7 +68,7 @@ class Worker:
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.core = _core.WorkerCore(
-            self.loop, runtime, ctx.route_ids, ctx.upstream_ids,
+            self.loop, runtime, ctx.route_ids, ctx.upstream_ids, ctx.server_ids,
             ctx.metrics.writer(ctx.counter_slot), ctx.zones, self.loop.stop, log)
         for listener, sock, factory in zip(runtime.listeners, ctx.listen_sockets, self.core.factories):
             # a TLS handshake is bounded like the request head that follows it

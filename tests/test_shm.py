@@ -66,7 +66,7 @@ def start_hammer(probe, metrics, n, route, upstream, worker_slot=0, generation=1
 
 def slot_route(metrics, slot, route):
     """(requests, histogram count) one slot has counted for a route."""
-    _, routes, _ = metrics.slots.totals(slot, slot + 1, route + 1, 0)
+    _, routes, _, _ = metrics.slots.totals(slot, slot + 1, route + 1, 0)
     classes, buckets, _ = routes[route]
     return sum(classes), sum(buckets)
 
@@ -196,7 +196,7 @@ def test_writer_refuses_foreign_buffer_and_bad_slot(probe):
         open_writer(probe, metrics, L.COUNTER_SLOTS)
     with pytest.raises(ValueError, match="do not fit"):
         probe.open_metrics_writer(metrics.buffer, L.LAYOUT_VERSION,
-                                  (L.COUNTERS_OFFSET, L.COUNTER_SLOTS + 1, L.MAX_ROUTES, L.MAX_UPSTREAMS), 0)
+                                  (L.COUNTERS_OFFSET, L.COUNTER_SLOTS + 1, *L.COUNTER_SLOTS_GEOMETRY[2:]), 0)
 
 
 def test_forked_workers_count_exactly(probe):

@@ -11,8 +11,8 @@ from typing import Optional
 from fastproxy.filters import registry  # a module, not its names: the registry imports schema
 from fastproxy.filters.base import compile_phases
 
-from . import handlers, tls
-from .runtime import AccessLog, Address, Admin, Listener, Main, Route, Runtime, Upstream
+from . import handlers, tls, upstreams
+from .runtime import AccessLog, Address, Admin, Listener, Main, Route, Runtime
 from .schema import SOURCE, Report
 
 _MATCH_KEYS = ("name", "host", "path", "path_prefix", "methods")
@@ -24,6 +24,7 @@ def check_references(tree: dict, report: Report) -> None:
     """Report what no single key can know: overlapping listeners, route handlers and the
     upstreams they name, and route names that clash."""
     _check_listeners(tree, report)
+    upstreams.check(tree, report)
     first_with_name = {}
     for index, route in enumerate(tree.get("routes") or ()):
         if route is None:
@@ -163,6 +164,6 @@ def build_runtime(tree: dict, source: str) -> Runtime:
                              buffer_size=log["buffer"], flush_interval=log["flush"]),
         admin=Admin(admin["listen"]) if admin else None,
         listeners=listeners,
-        upstreams=tuple(Upstream(name=name, **upstream) for name, upstream in tree["upstreams"].items()),
+        upstreams=tuple(upstreams.build(name, upstream) for name, upstream in tree["upstreams"].items()),
         routes=routes,
     )

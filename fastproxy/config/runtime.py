@@ -71,14 +71,61 @@ class Main:
 
 
 @dataclass(frozen=True)
+class Server:
+    address: Address  # resolved: always an IP
+    name: str  # "host:port" as configured (several servers share it when a name resolved to several)
+    weight: int
+    max_conns: int  # connections in use at once across workers; 0: no limit
+    backup: bool  # used only while no other server can take a request
+    down: bool  # out of service by config
+    slow_start: float  # seconds over which its weight ramps up after it comes back; 0: none
+
+
+@dataclass(frozen=True)
+class Queue:
+    size: int  # requests waiting per worker while every server is at max_conns; 0: none
+    timeout: float
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: bytes
+    method: bytes
+    host: Optional[bytes]  # None: the server's address
+    interval: float
+    timeout: float
+    healthy_threshold: int
+    unhealthy_threshold: int
+    expect_status: Tuple[Tuple[int, int], ...]  # inclusive ranges
+    expect_body: Optional[bytes]
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
-    servers: Tuple[Address, ...]
+    servers: Tuple[Server, ...]  # one per resolved address, in config order
+    balance: str  # "round_robin" | "least_conn" | "random_two" | "ip_hash" | "hash"
+    hash_key: str  # "remote_addr" | "path" | "uri" | "header:name" | "cookie:NAME" | "query:NAME"
+    queue: Queue
+    max_fails: int  # 0: no passive health
+    fail_timeout: float
+    fail_status: Tuple[int, ...]
+    retry_on: Tuple[str, ...]  # config/upstreams.py RETRY_ON
+    tries: int
+    retry_timeout: float  # 0: no bound
+    retry_non_idempotent: bool
+    retry_buffer: int
     keepalive: int  # idle connections each worker keeps for this upstream
     keepalive_timeout: float  # an idle pooled connection is closed after this
     connect_timeout: float
     read_timeout: float
     send_timeout: float
+    health: Optional[HealthCheck]
+
+    def server_key(self, server: Server) -> str:
+        """What a server's shared state is kept under (the metrics zone's server names): it
+        survives a reload while the upstream keeps that address."""
+        return f"{self.name}/{server.address}"
 
 
 # Route handlers (config/handlers.py): `runtime` names the core class that runs one

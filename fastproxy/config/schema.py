@@ -336,17 +336,17 @@ class Method(Kind):
 
 
 class ListOf(Kind):
-    """A non-empty array of `item`, as a tuple; `single` also takes one bare item."""
+    """An array of `item`, as a tuple: non-empty unless `empty`; `single` also takes one bare item."""
     types = (list,)
 
-    def __init__(self, item: Kind, name: str, single: bool = False):
-        self.item, self.name = item, name
+    def __init__(self, item: Kind, name: str, single: bool = False, empty: bool = False):
+        self.item, self.name, self.empty = item, name, empty
         self.types = (list, *item.types) if single else (list,)
 
     def convert(self, value):
         if not isinstance(value, list):
             return (self.item(value),)
-        if not value:
+        if not value and not self.empty:
             raise Invalid("must not be empty")
         items, problems = [], []
         for index, element in enumerate(value):
@@ -538,19 +538,6 @@ LISTEN = Section("listen", "[[listen]]", ARRAY, NEEDED, (
         "without it. Ignored where the system has no such option."),
 ), "Where clients connect. At least one is required; no two may overlap.")
 
-UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (
-    Key("servers", ListOf(HostPort(listen=False), 'array of "host:port"'), REQUIRED,
-        "The servers requests go to, used round-robin."),
-    Key("keepalive", Integer(0), 32, "Idle connections each worker keeps open to this upstream for reuse; "
-        "0: none."),
-    Key("keepalive_timeout", Duration(), "60s", "An idle kept connection is closed after this."),
-    Key("connect_timeout", Duration(), "60s", "Time allowed to connect to a server (504 after it)."),
-    Key("read_timeout", Duration(), "60s", "Longest a server may stay silent while answering (504 "
-        "after it)."),
-    Key("send_timeout", Duration(), "60s", "Longest a server may go without reading while a request "
-        "is sent to it."),
-), "A named group of servers that routes send requests to. NAME is letters, digits, `_`, `-` and `.`.")
-
 RESPOND = Section("respond", "[[routes]].respond", TABLE, OFF, (
     Key("status", Integer(100, 599), REQUIRED, "Response status."),
     Key("body", String(empty=True, control=True), "", "Response body."),
@@ -589,19 +576,24 @@ def sections() -> Tuple[Section, ...]:
     """The sections of the file: [[routes]] with a key per handler and filter type, [main]
     with the defaults of the filters that have one. Their registries are imported here
     rather than at the top because they build their keys from the kinds above."""
-    from fastproxy.config import handlers, static, tls
+    from fastproxy.config import handlers, static, tls, upstreams
     from fastproxy.filters import registry
     main = dataclasses.replace(MAIN, keys=MAIN.keys + registry.main_keys())
     listen = dataclasses.replace(LISTEN, keys=LISTEN.keys + tls.listen_keys())
     routes = dataclasses.replace(_ROUTES, keys=_ROUTE_MATCH_KEYS + handlers.route_keys() + _ROUTE_LIMIT_KEYS
                                  + registry.route_keys())
-    return (main, ACCESS_LOG, ADMIN, listen, UPSTREAMS, routes, static.MIME_SECTION)
+    return (main, ACCESS_LOG, ADMIN, listen, upstreams.UPSTREAMS, routes, static.MIME_SECTION)
 
 
 def all_sections() -> Tuple[Section, ...]:
     """sections() plus the tables nested in them, in docs order."""
-    nested = {id(key.kind.section): key.kind.section for section in sections() for key in section.keys
-              if isinstance(key.kind, Table)}  # once each, though [main] has a key for one too
+    nested = {}  # once each, though [main] has a key for one too
+    for section in sections():
+        for key in section.keys:
+            # a Table key, or an array whose items may be tables (an upstream's servers)
+            inner = getattr(key.kind, "section", None) or getattr(getattr(key.kind, "item", None), "section", None)
+            if inner is not None:
+                nested[id(inner)] = inner
     return sections() + tuple(nested.values())
 
 

@@ -126,8 +126,8 @@ cdef class WorkerCore:
     cdef Py_ssize_t trims
     cdef readonly tuple factories  # the protocol factory of each listener, parallel to runtime.listeners
 
-    def __init__(self, loop, runtime, route_ids, upstream_ids, MetricsWriter metrics, zones,
-                 on_drained, error_logger):
+    def __init__(self, loop, runtime, route_ids, upstream_ids, server_ids, MetricsWriter metrics,
+                 zones, on_drained, error_logger):
         main = runtime.main
         self.loop = loop
         self.zones = zones
@@ -156,7 +156,8 @@ cdef class WorkerCore:
         self.pass_server_header = main.pass_server_header
         self.allow_encoded_slashes = main.allow_encoded_slashes
         self.pools_by_name = {
-            u.name: UpstreamPool(self, u, upstream_ids[i]) for i, u in enumerate(runtime.upstreams)}
+            u.name: UpstreamPool(self, u, upstream_ids[i], server_ids[i])
+            for i, u in enumerate(runtime.upstreams)}
         self.router = Router([self.compile_route(r, route_ids[i]) for i, r in enumerate(runtime.routes)])
         self.factories = self.listener_factories(runtime, route_ids[len(runtime.routes):])
         log = runtime.access_log

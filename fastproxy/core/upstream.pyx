@@ -90,6 +90,9 @@ cdef class UpstreamPool:
     cdef WorkerCore core
     cdef readonly str name
     cdef int metric_id
+    # per server: its index in the metrics zone's server tables (ServerCounters, ServerState),
+    # the same in every worker and kept across reloads
+    cdef int *server_ids
     cdef tuple hosts        # str per server
     cdef tuple ports        # int per server
     cdef tuple addr_bytes   # b"host:port" per server, for logs
@@ -102,13 +105,22 @@ cdef class UpstreamPool:
     cdef UpstreamConnection busy
     cdef double keepalive_timeout, connect_timeout, read_timeout, send_timeout
 
-    def __init__(self, WorkerCore core, upstream, int metric_id):
+    def __init__(self, WorkerCore core, upstream, int metric_id, tuple server_ids):
+        cdef int i
         self.core = core
         self.name = upstream.name
         self.metric_id = metric_id
-        self.hosts = tuple(s.host for s in upstream.servers)
-        self.ports = tuple(s.port for s in upstream.servers)
-        self.addr_bytes = tuple(str(s).encode() for s in upstream.servers)
+        if len(server_ids) != len(upstream.servers) or not all(
+                0 <= i < core.metrics.max_servers for i in server_ids):
+            raise ValueError(f"upstream {upstream.name}: bad server indexes {server_ids}")
+        self.server_ids = <int *>PyMem_Malloc(len(server_ids) * sizeof(int))
+        if self.server_ids == NULL:
+            raise MemoryError()
+        for i in range(len(server_ids)):
+            self.server_ids[i] = server_ids[i]
+        self.hosts = tuple(s.address.host for s in upstream.servers)
+        self.ports = tuple(s.address.port for s in upstream.servers)
+        self.addr_bytes = tuple(str(s.address).encode() for s in upstream.servers)
         self.idle = [[] for _ in upstream.servers]
         self.next_server = 0
         self.keepalive = upstream.keepalive
@@ -117,6 +129,9 @@ cdef class UpstreamPool:
         self.connect_timeout = upstream.connect_timeout
         self.read_timeout = upstream.read_timeout
         self.send_timeout = upstream.send_timeout
+
+    def __dealloc__(self):
+        PyMem_Free(self.server_ids)
 
     cdef int acquire(self, UpstreamConsumer ex, bint fresh) except -1:
         """Attach a connection to `ex`: an idle one to the next server in round-robin

@@ -49,6 +49,7 @@ class WorkerContext:
     zones: "ZoneSet"  # every zone of its generation, by name, the metrics zone included
     route_ids: Tuple[int, ...]  # parallel to runtime.all_routes
     upstream_ids: Tuple[int, ...]  # parallel to runtime.upstreams
+    server_ids: Tuple[Tuple[int, ...], ...]  # parallel to runtime.upstreams, then to its servers
     master_pid: int
     ready_fd: int = -1
 

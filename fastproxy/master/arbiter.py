@@ -57,6 +57,10 @@ class Generation:
     zones: ZoneSet
     route_ids: Tuple[int, ...]
     upstream_ids: Tuple[int, ...]
+    server_ids: Tuple[Tuple[int, ...], ...] = ()  # per upstream, per server
+
+    def all_server_ids(self):
+        return [i for ids in self.server_ids for i in ids]
 
 
 @dataclass(eq=False)
@@ -293,11 +297,15 @@ class Master:
                 [r.name for r in runtime.all_routes], {i for gen in live for i in gen.route_ids})
             upstream_ids = self.metrics.register_upstreams(
                 [u.name for u in runtime.upstreams], {i for gen in live for i in gen.upstream_ids})
+            flat = iter(self.metrics.register_servers(
+                [u.server_key(s) for u in runtime.upstreams for s in u.servers],
+                {i for gen in live for i in gen.all_server_ids()}))
+            server_ids = tuple(tuple(next(flat) for _ in u.servers) for u in runtime.upstreams)
         except (ZoneFull, ValueError) as e:
             return self.abandon_pending(str(e))
         except OSError as e:
             return self.abandon_pending(f"cannot map the shared zones: {e}")
-        self.pending = Generation(number, runtime, zones, route_ids, upstream_ids)
+        self.pending = Generation(number, runtime, zones, route_ids, upstream_ids, server_ids)
         self.pending_deadline = time.monotonic() + READY_TIMEOUT
         for slot in range(runtime.main.workers):
             try:
@@ -341,6 +349,7 @@ class Master:
         self.current, self.runtime = gen, gen.runtime
         self.backoff.clear()  # the new generation covers every slot; scheduled respawns are moot
         self.metrics.set_master_info(self.pid, gen.number, self.config_path)
+        self.metrics.mark_removed_servers(gen.all_server_ids())
         for w in list(self.workers.values()):
             if w.generation is not gen:
                 self.drain(w)
@@ -414,6 +423,7 @@ class Master:
             zones=gen.zones,
             route_ids=gen.route_ids,
             upstream_ids=gen.upstream_ids,
+            server_ids=gen.server_ids,
             master_pid=self.pid,
             ready_fd=ready_w,
         )

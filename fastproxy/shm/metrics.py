@@ -11,6 +11,8 @@ Master call sequence::
     metrics = MetricsZone.create(zones["metrics"])     # once, before the first fork
     route_ids = metrics.register_routes(names, in_use)  # per generation: in_use = the indexes
     upstream_ids = metrics.register_upstreams(names, in_use)  # live generations still use
+    server_ids = metrics.register_servers(keys, in_use)  # Upstream.server_key of each server
+    metrics.mark_removed_servers(server_ids)           # when a generation becomes the current one
     slot = metrics.assign_counter_slot()               # per worker, before its fork
     pid = os.fork()   # worker: metrics.writer(slot), handed to the core
     metrics.add_worker(pid, worker_slot, generation, slot)
@@ -24,7 +26,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from fastproxy._core import MetricsSlots
+from fastproxy._core import SERVER_REMOVED_FLAG as SERVER_REMOVED, MetricsSlots
 
 from . import layout as L
 from .zones import Zone
@@ -137,6 +139,8 @@ class MetricsZone:
                                  L.RESERVED_ROUTES, self.slots.fold_route)
         self.upstreams = _NameTable(self, "upstream", L.MAX_UPSTREAMS, L.upstream_name_offset,
                                     L.M_UPSTREAMS_HIGH, L.RESERVED_UPSTREAMS, self.slots.fold_upstream)
+        self.servers = _NameTable(self, "server", L.MAX_SERVERS, L.server_name_offset,
+                                  L.M_SERVERS_HIGH, L.RESERVED_SERVERS, self.slots.fold_server)
 
     @classmethod
     def create(cls, zone: Zone) -> "MetricsZone":
@@ -145,6 +149,7 @@ class MetricsZone:
         metrics.words[L.master_word(L.M_START_TIME_US)] = int(time.time() * 1e6)
         metrics.routes.create_reserved()
         metrics.upstreams.create_reserved()
+        metrics.servers.create_reserved()
         metrics.words[L.slot_table_word(L.MASTER_SLOT)] = L.SLOT_ASSIGNED
         metrics.words[L.master_word(L.M_SLOTS_HIGH)] = L.MASTER_SLOT + 1
         return metrics
@@ -180,6 +185,19 @@ class MetricsZone:
     def register_upstreams(self, names: Iterable[str], in_use: Iterable[int] = ()) -> Tuple[int, ...]:
         return self.upstreams.register(names, in_use)
 
+    def register_servers(self, keys: Iterable[str], in_use: Iterable[int] = ()) -> Tuple[int, ...]:
+        """Indexes for server keys (Upstream.server_key): a key the zone already has keeps its
+        index, so its health, connections and counters carry over a reload."""
+        return self.servers.register(keys, in_use)
+
+    def mark_removed_servers(self, current: Iterable[int]) -> None:
+        """Flag every server index outside the current generation's as removed: workers of a
+        draining generation stop choosing those at once."""
+        current = set(current)
+        for index, _ in self.servers.raw_entries():
+            if index not in L.RESERVED_SERVERS.values():
+                self.slots.set_server_flags(index, 0 if index in current else SERVER_REMOVED)
+
     def route_names(self) -> Dict[int, str]:
         return {index: raw.decode() for index, raw in self.routes.raw_entries()}
 
@@ -205,9 +223,10 @@ class MetricsZone:
         """Free the slot of a reaped worker (or of a fork that failed).
 
         Its counters stay, so totals keep what the worker counted; only the active-connections
-        gauge is zeroed, since the dead owner's connections are gone.
+        gauges are zeroed, since the dead owner's connections are gone.
         """
         self.slots.clear_active_connections(slot)
+        self.slots.release_server_active(slot, self.words[L.master_word(L.M_SERVERS_HIGH)])
         self.words[L.slot_table_word(slot)] = L.SLOT_FREE
 
     def writer(self, slot: int):
@@ -267,13 +286,26 @@ class MetricsZone:
             upstreams = self.upstreams.raw_entries()
             route_span = routes[-1][0] + 1 if routes else 0
             upstream_span = upstreams[-1][0] + 1 if upstreams else 0
-            totals, route_totals, upstream_totals = self.slots.totals(
+            totals, route_totals, upstream_totals, _ = self.slots.totals(
                 0, min(self.slots_high(), L.COUNTER_SLOTS), route_span, upstream_span)
             if not self.access.read_retry(seq):
                 break
         return ([(raw.decode(), route_totals[i]) for i, raw in routes],
                 [(raw.decode(), upstream_totals[i]) for i, raw in upstreams],
                 totals)
+
+    def servers(self) -> List[Tuple[str, tuple, dict]]:
+        """(key, counters, state) of every registered server, "_retired" first: counters as
+        MetricsSlots.totals gives a server's (summed over workers, one consistent read), state
+        as MetricsSlots.server_state gives it (read as it is now)."""
+        while True:
+            seq = self.access.read_begin()
+            entries = self.servers.raw_entries()
+            span = entries[-1][0] + 1 if entries else 0
+            totals = self.slots.totals(0, min(self.slots_high(), L.COUNTER_SLOTS), 0, 0, span)[3]
+            if not self.access.read_retry(seq):
+                break
+        return [(raw.decode(), totals[i], self.slots.server_state(i)) for i, raw in entries]
 
     def workers(self) -> List[dict]:
         workers = []
