@@ -79,6 +79,7 @@ class Server:
     backup: bool  # used only while no other server can take a request
     down: bool  # out of service by config
     slow_start: float  # seconds over which its weight ramps up after it comes back; 0: none
+    tls_name: Optional[str] = None  # TLS: the name sent as SNI and verified (upstream.tls); None: plain
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class Upstream:
     read_timeout: float
     send_timeout: float
     health: Optional[HealthCheck]
+    tls: Optional[object] = None  # ssl.SSLContext of TLS to every server (config/upstream_tls.py); None: plain
 
     def server_key(self, server: Server) -> str:
         """What a server's shared state is kept under (the metrics zone's server names): it

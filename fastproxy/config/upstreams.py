@@ -5,13 +5,15 @@ of runtime.Upstream. Load balancing, health and retries at run time: docs/upstre
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from typing import Dict, List, Tuple
 
+from . import upstream_tls
 from .runtime import Address, HealthCheck, Queue, Server, Upstream
 from .schema import (
-    NAMED, OFF, REQUIRED, Boolean, Choice, Duration, HostPort, Integer, Invalid, Key, Kind, ListOf,
+    NAMED, OFF, REQUIRED, SOURCE, Boolean, Choice, Duration, HostPort, Integer, Invalid, Key, Kind, ListOf,
     TABLE, Method, Report, Section, Size, String, Table, check_table)
 
 BALANCE = ("round_robin", "least_conn", "random_two", "ip_hash", "hash")
@@ -50,9 +52,32 @@ class StatusRanges(Kind):
         return tuple(ranges)
 
 
+_SCHEMES = {"https": 443, "http": 80}  # a server's scheme, and its port when the address has none
+
+
+class ServerAddress(Kind):
+    """A server's address: "host:port", or "https://host[:port]" (TLS) and "http://host[:port]",
+    as a (scheme, Address) pair, scheme "" when none was written."""
+    name = '"host:port" or "https://host[:port]"'
+    types = (str,)
+
+    def convert(self, value):
+        scheme, separator, rest = value.partition("://")
+        if not separator:
+            return "", HostPort(listen=False)(value)
+        if scheme.lower() not in _SCHEMES:
+            raise Invalid(f'{json.dumps(scheme + separator)} is not "https://" or "http://"')
+        if "/" in rest:
+            raise Invalid(f"{json.dumps(value)}: a server is an address, without a path")
+        if rest.endswith("]") or ":" not in rest.rpartition("]")[2]:
+            rest = f"{rest}:{_SCHEMES[scheme.lower()]}"
+        return scheme.lower(), HostPort(listen=False)(rest)
+
+
 SERVER = Section("server", "[upstreams.NAME] servers = [{ ... }]", TABLE, OFF, (
-    Key("address", HostPort(listen=False), REQUIRED, '`"host:port"`; a host name is resolved when the '
-        "configuration loads (and on every reload), one server per address it resolves to."),
+    Key("address", ServerAddress(), REQUIRED, '`"host:port"`, or `"https://host[:port]"` for TLS (port '
+        "443 when none is written; `\"http://host[:port]\"`, port 80, is plain); a host name is resolved "
+        "when the configuration loads (and on every reload), one server per address it resolves to."),
     Key("weight", Integer(1, 1000), 1, "Share of the requests relative to the other servers."),
     Key("max_conns", Integer(0), 0, "Most connections in use to it at once, counted across all workers "
         "(idle pooled ones not included); 0: no limit. A server at its limit is skipped; when all are, "
@@ -72,12 +97,13 @@ class ServerEntry(Kind):
 
     def convert(self, value):
         if isinstance(value, str):
-            HostPort(listen=False)(value)  # a bad string is reported at the item, not at ".address"
+            ServerAddress()(value)  # a bad string is reported at the item, not at ".address"
             value = {"address": value}
         problems: List[Tuple[str, str]] = []
         values = check_table(SERVER.keys, value, "", lambda path, reason: problems.append(("." + path, reason)))
         if problems:
             raise Invalid(problems=problems)
+        values["scheme"], values["address"] = values["address"]
         return values
 
 
@@ -138,6 +164,9 @@ UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (
     Key("send_timeout", Duration(), "60s", "Longest a server may go without reading while a request "
         "is sent to it."),
     Key("health", Table(HEALTH), None, "Active health checks: see the health table below.", "none"),
+    Key("tls", Table(upstream_tls.TLS), None, "TLS to the servers: see the tls table below. With it, or "
+        "with an `https://` server, every server of the upstream uses TLS (a plain one is refused).",
+        "plain, unless a server is `https://`"),
 ), "A named group of servers that routes send requests to. NAME is letters, digits, `_`, `-` and `.`.")
 
 def resolve(address: Address) -> Tuple[Address, ...]:
@@ -171,19 +200,46 @@ def check(tree: dict, report: Report) -> None:
                 seen[address] = index
         if upstream["servers"] and all(server["backup"] or server["down"] for server in upstream["servers"]):
             report(f"{where}.servers", "needs at least one server that is neither backup nor down")
+        _check_tls(upstream, where, os.path.dirname(tree[SOURCE]), report)
+
+
+_CONTEXT = "__context__"  # a checked upstream's client SSL context, or None (no key has that name)
+
+
+def _check_tls(upstream: dict, where: str, base: str, report: Report) -> None:
+    """Whether the upstream's servers use TLS (a `tls` table or an https:// server: then all of
+    them do), and its SSL context, kept in the tree for build."""
+    upstream[_CONTEXT] = None
+    if "tls" not in upstream:
+        return  # a bad table, already reported
+    schemes = [server["scheme"] for server in upstream["servers"]]
+    if upstream["tls"] is None and "https" not in schemes:
+        return
+    cause = "its tls table" if upstream["tls"] is not None else f"servers[{schemes.index('https')}] (https://)"
+    for index, scheme in enumerate(schemes):
+        if scheme == "http" or (scheme == "" and upstream["tls"] is None):
+            report(f"{where}.servers[{index}].address", f"a plain server, while {cause} makes the upstream "
+                                                        f"TLS: its servers all use TLS or none does")
+    upstream[_CONTEXT] = upstream_tls.build(upstream["tls"], where, base, report)
 
 
 def build(name: str, upstream: dict) -> Upstream:
+    context = upstream[_CONTEXT]
+    # TLS: the name each server is verified against and sends as SNI (never the IP it resolved to)
+    server_name = (upstream["tls"] or {}).get("server_name")
     servers = tuple(
         Server(address=address, name=str(server["address"]), weight=server["weight"],
                max_conns=server["max_conns"], backup=server["backup"], down=server["down"],
-               slow_start=server["slow_start"])
+               slow_start=server["slow_start"],
+               tls_name=None if context is None else server_name or server["address"].host)
         for server in upstream["servers"] for address in server["resolved"])
     health = upstream["health"]
     return Upstream(
         name=name,
         servers=servers,
-        **{key: value for key, value in upstream.items() if key not in ("servers", "queue", "health")},
+        **{key: value for key, value in upstream.items()
+           if key not in ("servers", "queue", "health", "tls", _CONTEXT)},
+        tls=context,
         queue=Queue(**upstream["queue"]),
         health=None if health is None else HealthCheck(
             **{**health, "path": health["path"].encode("latin-1"), "method": health["method"].encode(),

@@ -96,6 +96,9 @@ cdef class UpstreamPool:
     cdef tuple hosts        # str per server
     cdef tuple ports        # int per server
     cdef tuple addr_bytes   # b"host:port" per server, for logs
+    # per server: create_connection's TLS arguments (the master's context, the name to verify
+    # and send as SNI); empty dicts for a plain upstream
+    cdef tuple connect_options
     cdef list idle          # per server: list of idle UpstreamConnection (LIFO)
     cdef int next_server
     cdef int keepalive
@@ -121,6 +124,12 @@ cdef class UpstreamPool:
         self.hosts = tuple(s.address.host for s in upstream.servers)
         self.ports = tuple(s.address.port for s in upstream.servers)
         self.addr_bytes = tuple(str(s.address).encode() for s in upstream.servers)
+        # the handshake is part of connecting: connect_timeout bounds both (the sweep cancels
+        # the connection's task), uvloop's own handshake timeout never comes first
+        self.connect_options = tuple(
+            {} if upstream.tls is None else {"ssl": upstream.tls, "server_hostname": s.tls_name,
+                                             "ssl_handshake_timeout": upstream.connect_timeout + 1}
+            for s in upstream.servers)
         self.idle = [[] for _ in upstream.servers]
         self.next_server = 0
         self.keepalive = upstream.keepalive
@@ -159,7 +168,7 @@ cdef class UpstreamPool:
         conn.state = UP_CONNECTING
         conn.attempts_left = attempts_left - 1
         conn.connect_task = self.core.loop.create_task(self.core.loop.create_connection(
-            conn._protocol, self.hosts[server], self.ports[server]))
+            conn._protocol, self.hosts[server], self.ports[server], **<dict>self.connect_options[server]))
         conn.connect_task.add_done_callback(conn._connect_done)
         conn.wait_for(WAIT_CONNECT, self.connect_timeout)
         return 0

@@ -14,6 +14,10 @@ proxy forwards "/api/echo" unchanged, the origin only looks at "echo"):
     reset            reads the request and resets the connection (SO_LINGER 0)
     ws               websocket handshake, a "hello" text frame, then echo of every frame
 
+An origin made with `tls=` (a server ssl.SSLContext) speaks HTTPS: each connection's
+handshake is counted (`handshakes`, `handshake_failures` with the reasons) and its
+client certificate kept (`client_certs`, DER or None per connection, in order).
+
 Extra behaviours are registered per test in `Origin.handlers[name] = fn(conn, req)`;
 a handler with a true `reads_body` attribute reads the request body itself.
 `Origin.on_accept = fn(conn)` runs on every new connection before its first request
@@ -27,6 +31,7 @@ import base64
 import hashlib
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -243,8 +248,13 @@ Handler = Callable[[OriginConn, Request], None]
 class Origin:
     """Threaded HTTP/1.1 origin on a free loopback port (see module docstring)."""
 
-    def __init__(self, name: str = "origin", close_after_response: bool = False):
+    def __init__(self, name: str = "origin", close_after_response: bool = False,
+                 tls: Optional[ssl.SSLContext] = None):
         self.name = name
+        self.tls = tls
+        self.handshakes = 0
+        self.handshake_failures: List[str] = []
+        self.client_certs: List[Optional[bytes]] = []
         # Close each connection right after answering, without saying so:
         # the proxy's pooled connection goes stale behind its back.
         self.close_after_response = close_after_response
@@ -321,7 +331,32 @@ class Origin:
                 self._socks.add(sock)
             threading.Thread(target=self._serve, args=(sock, conn_id), daemon=True).start()
 
+    def _handshake(self, sock: socket.socket) -> Optional[ssl.SSLSocket]:
+        """The TLS origin's side of a handshake, counted; None when it failed."""
+        try:
+            sock.settimeout(10)
+            wrapped = self.tls.wrap_socket(sock, server_side=True)
+            wrapped.settimeout(None)
+        except (OSError, ValueError) as error:
+            with self._cond:
+                self._socks.discard(sock)
+                self.handshake_failures.append(str(error))
+                self._cond.notify_all()
+            sock.close()
+            return None
+        with self._cond:
+            self._socks.discard(sock)
+            self._socks.add(wrapped)
+            self.handshakes += 1
+            self.client_certs.append(wrapped.getpeercert(binary_form=True))
+            self._cond.notify_all()
+        return wrapped
+
     def _serve(self, sock: socket.socket, conn_id: int) -> None:
+        if self.tls is not None:
+            sock = self._handshake(sock)
+            if sock is None:
+                return
         conn = OriginConn(self, sock, conn_id)
         try:
             if self.on_accept is not None:
