@@ -13,6 +13,7 @@ from fastproxy.config import load_runtime
 from harness.client import RawClient, build_request, consume_pattern_body, fetch
 from harness.pki import CA, der_in
 from harness.proxy import summed_metric, wait_until
+from test_websocket import handshake as ws_handshake
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,36 @@ def test_connections_kept_alive_one_handshake_per_worker(make_proxy, make_origin
             assert r.status == 200, r
     assert origin.handshakes == 1 and origin.connections == 1
     assert {req.conn_id for req in origin.find_requests(lambda req: True)} == {1}
+
+
+def test_stale_pooled_connection_retried_and_websocket_tunnel(make_proxy, make_origin, pki):
+    """Pooled TLS connections behave as plain ones: one the origin closed behind the pool's back
+    is replaced (the request goes again on a new connection), and a 101 becomes a tunnel."""
+    origin = make_origin("tls", close_after_response=True, tls=server_context(pki["origin"]))
+    p = start(make_proxy, [https(origin)], {"ca": str(pki["ca"].path), "server_name": "origin.test"})
+    with RawClient(p.port) as c:  # first: an upgrade is not sent again on a new connection
+        ws_handshake(c, "/api/ws")
+        assert c.ws_recv() == (0x1, b"hello")
+        payload = bytes(range(256)) * 1000
+        c.ws_send(0x2, payload)
+        assert c.ws_recv() == (0x2, payload)
+    with RawClient(p.port) as c:
+        for i in range(5):
+            assert c.request("GET", f"/api/echo?i={i}").status == 200, i
+    assert origin.handshakes == 6
+
+
+def test_handshake_within_connect_timeout_and_plain_server_refused(make_proxy, make_origin, pki):
+    silent = make_origin("plain")  # reads the ClientHello as the start of a request: never answers
+    p = make_proxy({"upstreams": {"secure": {"servers": [https(silent)], "tls": {"verify": False},
+                                             "connect_timeout": "1s"}},
+                    "routes": [{"path_prefix": "/api/", "upstream": "secure"}]})
+    assert fetch(p.port, "GET", "/api/echo").status == 504
+    wait_until(lambda: error_lines(p, "connect_timeout (1s) expired"), 5, message="the timeout logged")
+
+    silent.on_accept = lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # plain HTTP
+    assert fetch(p.port, "GET", "/api/echo").status == 502
+    wait_until(lambda: error_lines(p, "WRONG_VERSION_NUMBER"), 5, message="the failure logged")
 
 
 def test_client_certificate_presented_when_set(make_proxy, make_origin, pki):
