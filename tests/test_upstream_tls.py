@@ -97,6 +97,16 @@ def test_unknown_ca_refused_with_502_and_logged_unless_configured(make_proxy, ma
         assert fetch(start(make_proxy, [https(origin)], tls).port, "GET", "/api/echo").status == 200, tls
 
 
+def test_failed_verification_tries_the_next_server(make_proxy, make_origin, pki):
+    stranger = make_origin("stranger", tls=server_context(pki["unknown"]))
+    good = make_origin("good", tls=server_context(pki["origin"]))
+    p = start(make_proxy, [https(stranger), https(good)], {"ca": str(pki["ca"].path), "server_name": "origin.test"})
+    for _ in range(4):
+        r = fetch(p.port, "GET", "/api/echo")
+        assert r.status == 200 and r.json()["origin"] == "good", r
+    assert error_lines(p, "certificate verify failed")
+
+
 def test_server_name_mismatch_refused(make_proxy, make_origin, pki):
     origin = make_origin("tls", tls=server_context(pki["origin"]))
     p = start(make_proxy, [https(origin)], {"ca": str(pki["ca"].path), "server_name": "other.test"})

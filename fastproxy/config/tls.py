@@ -135,6 +135,16 @@ def _names(leaf: x509.Certificate) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(str(name).lower().rstrip(".") for name in names))
 
 
+def load_cas(context: ssl.SSLContext, path: str, key: str) -> None:
+    """Trust the CAs of the PEM file `path` in `context` (a listener's client_ca, an upstream's
+    ca); raises _Problem at `key`."""
+    _read(path, key)
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError as error:
+        raise _Problem(key, f"{path}: no PEM certificate ({error.reason})") from None
+
+
 class _Certificate:
     """One checked `certificates` entry."""
 
@@ -179,14 +189,10 @@ def _context(tls: dict, base: str, client_ca: bool = True) -> ssl.SSLContext:
     if tls["client_verify"] != "off" and tls["client_ca"] is None:
         problems.append(_Problem("client_ca", f"required with client_verify = \"{tls['client_verify']}\""))
     elif tls["client_verify"] != "off" and client_ca:
-        path = os.path.join(base, tls["client_ca"])
         try:
-            _read(path, "client_ca")
-            context.load_verify_locations(cafile=path)
+            load_cas(context, os.path.join(base, tls["client_ca"]), "client_ca")
         except _Problem as problem:
             problems.append(problem)
-        except ssl.SSLError as error:
-            problems.append(_Problem("client_ca", f"{path}: no PEM certificate ({error.reason})"))
     if problems:
         raise _Problems(problems)
     return context

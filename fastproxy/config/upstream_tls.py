@@ -17,7 +17,8 @@ from typing import Optional
 
 from .schema import _HOSTNAME, OFF, TABLE, Boolean, Invalid, Key, Kind, Report, Section, String
 # files are read and a client certificate checked as a listener's are
-from .tls import _Certificate, _Problem, _read
+from .tls import _Certificate, _Problem, load_cas
+
 
 class ServerName(Kind):
     """A host name (lower-cased) or an IP address: what OpenSSL can check a certificate against."""
@@ -69,14 +70,10 @@ def build(tls: Optional[dict], where: str, base: str, report: Report) -> Optiona
     elif tls["ca"] is None:
         context.load_default_certs()
     else:
-        path = os.path.join(base, tls["ca"])
         try:
-            _read(path, "ca")
-            context.load_verify_locations(cafile=path)
+            load_cas(context, os.path.join(base, tls["ca"]), "ca")
         except _Problem as problem:
             problems.append(problem)
-        except ssl.SSLError as error:
-            problems.append(_Problem("ca", f"{path}: no PEM certificate ({error.reason})"))
     if (tls["cert"] is None) != (tls["key"] is None):
         missing = "key" if tls["key"] is None else "cert"
         problems.append(_Problem(missing, f"required with {'cert' if missing == 'key' else 'key'}"))
