@@ -12,7 +12,7 @@ not reading the previous ones, and a request head may not exceed MAX_HEAD_SIZE.
 
 Worker call sequence::
 
-    admin = await start_admin(loop, admin_sock, region)   # at worker start
+    admin = await start_admin(loop, admin_sock, region, reader.configured_servers(runtime, server_ids))
     admin.close()                                          # when the worker drains or stops
 """
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _error_body(status: int) -> bytes:
 class AdminServer:
     """One worker's admin listener and its open connections."""
 
-    def __init__(self, region):
+    def __init__(self, region, servers=()):
         self.region = region
+        self.servers = servers  # reader.configured_servers of the worker's runtime
         self.closing = False
         self.connections: Set["_AdminProtocol"] = set()
         self.server: Optional[asyncio.AbstractServer] = None
@@ -82,8 +83,8 @@ class AdminServer:
         if method not in _ALLOWED:
             return 405, "application/json", _error_body(405), b"Allow: GET, HEAD\r\n"
         if path == b"/metrics":
-            return 200, reader.CONTENT_TYPE, reader.render_prometheus(self.region), b""
-        body = json.dumps(reader.status(self.region), indent=2).encode() + b"\n"
+            return 200, reader.CONTENT_TYPE, reader.render_prometheus(self.region, self.servers), b""
+        body = json.dumps(reader.status(self.region, self.servers), indent=2).encode() + b"\n"
         return 200, "application/json", body, b""
 
 
@@ -252,8 +253,9 @@ class _AdminProtocol(asyncio.Protocol):
         self.idle_timer = self.loop.call_later(IDLE_TIMEOUT, self.close)
 
 
-async def start_admin(loop: asyncio.AbstractEventLoop, sock, region) -> AdminServer:
-    """Serve the admin endpoint on an already bound and listening socket."""
-    admin = AdminServer(region)
+async def start_admin(loop: asyncio.AbstractEventLoop, sock, region, servers=()) -> AdminServer:
+    """Serve the admin endpoint on an already bound and listening socket; `servers`: the
+    worker's configured servers (reader.configured_servers), for their state in /status."""
+    admin = AdminServer(region, servers)
     admin.server = await loop.create_server(lambda: _AdminProtocol(admin), sock=sock)
     return admin

@@ -19,6 +19,7 @@ from setproctitle import setproctitle
 
 from fastproxy import _core
 from fastproxy.admin import start_admin
+from fastproxy.shm.reader import configured_servers
 from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, worker_title
 
 log = logging.getLogger("fastproxy.worker")
@@ -41,7 +42,7 @@ def _tune_malloc() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
 
 
-def _exit_with_master(master_pid: int) -> None:
+def exit_with_master(master_pid: int) -> None:
     """Ask the kernel for SIGQUIT when the master dies, so no worker outlives it holding
     the port; a master that died before this call is caught by the ppid check."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -63,7 +64,7 @@ class Worker:
         ctx = self.ctx
         runtime = ctx.runtime
         setproctitle(worker_title(ctx.slot, ctx.generation))
-        _exit_with_master(ctx.master_pid)
+        exit_with_master(ctx.master_pid)
         _tune_malloc()
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
@@ -78,7 +79,8 @@ class Worker:
                 self.loop.create_server(factory, sock=sock, backlog=listener.backlog, **tls)))
         if ctx.admin_socket is not None:
             self.admin = self.loop.run_until_complete(
-                start_admin(self.loop, ctx.admin_socket, ctx.metrics))
+                start_admin(self.loop, ctx.admin_socket, ctx.metrics,
+                            configured_servers(runtime, ctx.server_ids)))
         self.loop.add_signal_handler(signal.SIGQUIT, self.drain)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.loop.add_signal_handler(signal.SIGINT, self.stop)

@@ -130,6 +130,16 @@ cdef enum ServerCheckState:
     CHECK_UP = 1
     CHECK_DOWN = 2
 
+cdef enum CheckFailure:
+    # why the health checker's last probe of a server failed (ServerState.check_failure)
+    CHECK_PASSED = 0
+    CHECK_FAIL_CONNECT = 1  # refused or failed to connect
+    CHECK_FAIL_TIMEOUT = 2  # no complete response within the check's timeout
+    CHECK_FAIL_CLOSED = 3  # reset or closed before a full response head
+    CHECK_FAIL_INVALID = 4  # not a valid HTTP response
+    CHECK_FAIL_STATUS = 5  # a status outside expect_status
+    CHECK_FAIL_BODY = 6  # the body lacks expect_body
+
 cdef enum:
     SERVER_REMOVED = 1  # ServerState.flags: not in the newest generation's config
 
@@ -145,22 +155,25 @@ ctypedef struct ServerState:
     uint64_t down_until_us  # out of service until then; 0: in service
     uint64_t probe_until_us  # once down_until_us passed: a worker sends one probe request until then
     uint64_t up_since_us  # when it last came back into service (slow_start runs from it)
-    # active health, written by the health checker only
+    # active health, written by the health checker only (or by the master while no checker
+    # runs: it clears the results of servers whose upstream has no checks any more)
     uint64_t check_state  # ServerCheckState
     uint64_t check_time_us  # when the last probe ended
     uint64_t check_status  # its response status; 0: no response (see the checker's log)
+    uint64_t check_failure  # CheckFailure: why the last probe failed; CHECK_PASSED: it passed
     # written by the master only
     uint64_t flags  # SERVER_*
-    uint64_t reserved[6]  # to two cache lines
+    uint64_t reserved[5]  # to two cache lines
 
 # For the reader's labels: what the bucket bounds and error kinds are.
 DURATION_BUCKETS = tuple([fp_duration_bounds[i] for i in range(METRICS_FINITE_BUCKETS)])
 UPSTREAM_ERROR_KIND_NAMES = ("connect", "reset", "timeout", "status")  # by UpstreamErrorKind
 CHECK_STATE_NAMES = ("unknown", "up", "down")  # by ServerCheckState
+CHECK_FAILURE_NAMES = ("passed", "connect", "timeout", "closed", "invalid", "status", "body")  # by CheckFailure
 SERVER_STATE_SIZE = sizeof(ServerState)
 # ServerState's words in order, as server_state() names them
 SERVER_STATE_FIELDS = ("active", "fails", "window_start_us", "down_until_us", "probe_until_us",
-                       "up_since_us", "check_state", "check_time_us", "check_status", "flags")
+                       "up_since_us", "check_state", "check_time_us", "check_status", "check_failure", "flags")
 SERVER_REMOVED_FLAG = SERVER_REMOVED
 CODING_NAMES = ("zstd", "br", "gzip")  # by CODING_*
 MIRROR_RESULT_NAMES = ("sent", "failed", "abandoned", "skipped")  # by MirrorResult
@@ -343,13 +356,17 @@ cdef class MetricsSlots:
             raise ValueError(f"server index {index} out of range")
         fp_store_relaxed(&self.states[index].flags, flags)
 
-    def set_check_result(self, int index, int state, uint64_t status, uint64_t unix_us):
-        """The health checker: the outcome of a server's probes (state a ServerCheckState)."""
+    def set_check_result(self, int index, int state, uint64_t status, uint64_t unix_us,
+                         int failure=CHECK_PASSED):
+        """The health checker: the outcome of a server's probes (state a ServerCheckState),
+        the last probe's status and why it failed (a CheckFailure)."""
         cdef ServerState *st
-        if not (0 <= index < self.max_servers and CHECK_UNKNOWN <= state <= CHECK_DOWN):
+        if not (0 <= index < self.max_servers and CHECK_UNKNOWN <= state <= CHECK_DOWN
+                and CHECK_PASSED <= failure <= CHECK_FAIL_BODY):
             raise ValueError("check result out of range")
         st = self.states + index
         fp_store_relaxed(&st.check_status, status)
+        fp_store_relaxed(&st.check_failure, failure)
         fp_store_relaxed(&st.check_time_us, unix_us)
         if state != <int>fp_load_relaxed(&st.check_state):
             if state == CHECK_UP:

@@ -101,6 +101,7 @@ cdef class UpstreamPool:
     cdef tuple connect_options
     cdef list idle          # per server: list of idle UpstreamConnection (LIFO)
     cdef int next_server
+    cdef bint checked       # the upstream has active health checks (see acquire)
     cdef int keepalive
     cdef int idle_count
     # the connections serving a request (connecting, busy or a tunnel), whoever asked: the
@@ -132,6 +133,7 @@ cdef class UpstreamPool:
             for s in upstream.servers)
         self.idle = [[] for _ in upstream.servers]
         self.next_server = 0
+        self.checked = upstream.health is not None
         self.keepalive = upstream.keepalive
         self.idle_count = 0
         self.keepalive_timeout = upstream.keepalive_timeout
@@ -147,8 +149,17 @@ cdef class UpstreamPool:
         order if there is one, else a new connection."""
         cdef int n = len(self.hosts)
         cdef int server = self.next_server
+        cdef int k
         cdef list idle
         cdef UpstreamConnection conn
+        if self.checked:
+            # the health checker's verdict, shared by every worker: a server it found down
+            # is skipped while another is not (interim: the balance code owns selection)
+            for k in range(n):
+                if fp_load_relaxed(&self.core.metrics.states[self.server_ids[(server + k) % n]].check_state) \
+                        != CHECK_DOWN:
+                    server = (server + k) % n
+                    break
         self.next_server = (server + 1) % n
         if not fresh:
             idle = <list>self.idle[server]

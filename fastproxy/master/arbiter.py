@@ -12,6 +12,12 @@ Signal handlers only append to a queue; the loop wakes on the self-pipe
 A generation is one configuration and the set of workers forked for it. Workers of a
 generation that is not current are draining (or failed to boot) and are never
 replaced; the master SIGKILLs any still alive after their shutdown_timeout.
+
+When the current generation has upstreams with health checks, the master also runs one
+health checker process (fastproxy/master/checker.py), as nginx runs its cache manager:
+started once the generation is current, replaced (the old one stopped first: never two at
+once) when another becomes current, restarted with backoff if it dies, stopped with the
+workers.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from fastproxy.config.runtime import Runtime
 from fastproxy.config.tls import expiry_warnings
 from fastproxy.errors import ConfigError
 from fastproxy.log import reopen_error_log, set_process_label, setup_error_log
-from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, master_title
+from fastproxy.master import WORKER_BOOT_ERROR, WORKER_SIGNALS, WorkerContext, checker, master_title
 from fastproxy.master.pidfile import PidFileError, check_not_running, remove_pid_file, write_pid_file
 from fastproxy.master.sockets import BindError, ListenSockets, migrates_queued_connections
 from fastproxy.master.systemd import Notifier
@@ -76,6 +82,15 @@ class WorkerProcess:
     kill_at: Optional[float] = None  # SIGKILL if still alive then
 
 
+@dataclass(eq=False)
+class CheckerProcess:
+    """The master's record of the health checker."""
+    pid: int
+    started: float
+    stopping: bool = False  # told to stop: for a newer generation, or the master's stop
+    kill_at: Optional[float] = None  # SIGKILL if still alive then
+
+
 class SpawnError(Exception):
     """A worker could not be forked (no counter slot, no fd, fork failed); str() says why."""
 
@@ -109,6 +124,8 @@ class Master:
         self.reload_again = False  # a HUP arrived while a generation was booting
         self.workers: Dict[int, WorkerProcess] = {}  # by pid
         self.backoff: Dict[int, SlotBackoff] = collections.defaultdict(SlotBackoff)  # by slot, current generation
+        self.checker: Optional[CheckerProcess] = None
+        self.checker_backoff = SlotBackoff()
         self.stopping = False
         self.exit_code = 0
         self.signals: Deque[int] = collections.deque()
@@ -174,7 +191,7 @@ class Master:
             while self.signals:
                 self.dispatch(self.signals.popleft())
             self.run_timers()
-            if self.stopping and not self.workers:
+            if self.stopping and not self.workers and self.checker is None:
                 log.info("all workers exited, master exiting")
                 return self.exit_code
 
@@ -254,6 +271,7 @@ class Master:
         self.begin_stop()
         for w in list(self.workers.values()):
             self.drain(w)
+        self.stop_checker()
 
     def handle_term(self) -> None:
         log.info("fast stop")
@@ -263,6 +281,7 @@ class Master:
         for w in self.workers.values():
             self.kill(w.pid, signal.SIGTERM)
             w.kill_at = min(w.kill_at or deadline, deadline)
+        self.stop_checker()
 
     def begin_stop(self) -> None:
         """From now on nothing starts: no reload, no respawn; the loop ends when the last worker is reaped."""
@@ -270,6 +289,7 @@ class Master:
         self.pending = None
         self.reload_again = False
         self.backoff.clear()
+        self.checker_backoff = SlotBackoff()
 
     def handle_usr1(self) -> None:
         try:
@@ -279,6 +299,8 @@ class Master:
         log.info("reopened log files")
         for w in self.workers.values():
             self.kill(w.pid, signal.SIGUSR1)
+        if self.checker is not None:
+            self.kill(self.checker.pid, signal.SIGUSR1)
 
     # ---- generations ---------------------------------------------------------------------------
 
@@ -353,6 +375,7 @@ class Master:
         for w in list(self.workers.values()):
             if w.generation is not gen:
                 self.drain(w)
+        self.replace_checker()
         if gen.runtime.main.pid_file != self.pid_file:
             self.move_pid_file(gen.runtime.main.pid_file)
         # Draining workers have stopped accepting: a listener only they used (the slots above
@@ -450,6 +473,14 @@ class Master:
 
     def become_worker(self, ctx: WorkerContext, own_ready_r: int) -> None:
         """In the child: shed the master's state, then run the worker; never returns."""
+        keep = {s.fileno() for s in ctx.listen_sockets}
+        if ctx.admin_socket is not None:
+            keep.add(ctx.admin_socket.fileno())
+        self.run_child(str(ctx.slot), f"worker #{ctx.slot}", keep, (own_ready_r,), lambda: worker.run(ctx))
+
+    def run_child(self, label: str, what: str, keep_sockets: set, close_fds: tuple, run) -> None:
+        """In a forked child (a worker, the checker): shed the master's state, then `run()`
+        and exit with its SystemExit code; never returns."""
         code = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -458,23 +489,20 @@ class Master:
             # Close what belongs to the master or to other workers: a worker holding another
             # slot's listener would keep it open (and its queued connections unanswered)
             # after the master closes it.
-            keep = {s.fileno() for s in ctx.listen_sockets}
-            if ctx.admin_socket is not None:
-                keep.add(ctx.admin_socket.fileno())
             for sock in self.sockets.all():
-                if sock.fileno() not in keep:
+                if sock.fileno() not in keep_sockets:
                     sock.close()
             self.selector.close()  # closes the epoll fd only; the master's registrations stay
-            for fd in (self.wake_r, self.wake_w, own_ready_r,
+            for fd in (self.wake_r, self.wake_w, *close_fds,
                        *(w.ready_fd for w in self.workers.values() if w.ready_fd >= 0)):
                 os.close(fd)
             self.notifier.close()
-            set_process_label(str(ctx.slot))
-            worker.run(ctx)
+            set_process_label(label)
+            run()
         except SystemExit as e:
             code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         except BaseException:
-            log.exception("worker #%d crashed", ctx.slot)
+            log.exception("%s crashed", what)
         finally:
             os._exit(code)
 
@@ -510,6 +538,8 @@ class Master:
             w = self.workers.pop(pid, None)
             if w is not None:
                 self.on_worker_exit(w, status)
+            elif self.checker is not None and pid == self.checker.pid:
+                self.on_checker_exit(status)
 
     def on_worker_exit(self, w: WorkerProcess, status: int) -> None:
         self.close_ready_pipe(w)
@@ -551,6 +581,64 @@ class Master:
             log.warning("connections queued on the closed slots, if any, were reset; "
                         "sysctl net.ipv4.tcp_migrate_req=1 hands them to the remaining slots")
 
+    # ---- the health checker ----------------------------------------------------------------------
+
+    def replace_checker(self) -> None:
+        """A generation became current: stop the checker of the previous one, if any (its
+        successor starts once it is reaped, so two never write at once), or start one now."""
+        if self.checker is None:
+            self.checker_backoff = SlotBackoff()
+            self.start_checker()
+        else:
+            self.stop_checker()
+
+    def start_checker(self) -> None:
+        """Fork the checker for the current generation, if it has checks. Servers whose
+        upstream has none lose any result a previous configuration's checks left."""
+        gen = self.current
+        if self.stopping or gen is None or self.checker is not None:
+            return
+        checks = checker.targets(gen.runtime, gen.server_ids)
+        checked = {t.index for t in checks}
+        self.metrics.clear_check_results(i for i in gen.all_server_ids() if i not in checked)
+        if not checks:
+            return
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            log.error("cannot fork the health checker: %s; retrying in %.1fs", e,
+                      self.checker_backoff.schedule(time.monotonic(), died_young=True))
+            return
+        if pid == 0:
+            self.run_child("checker", "health checker", set(), (),
+                           lambda: checker.run(checks, self.metrics.slots, self.pid))
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self.checker = CheckerProcess(pid=pid, started=time.monotonic())
+        log.info("started health checker pid %d (generation %d, %d servers)", pid, gen.number, len(checks))
+
+    def stop_checker(self) -> None:
+        c = self.checker
+        if c is not None and not c.stopping:
+            c.stopping = True
+            c.kill_at = time.monotonic() + FAST_STOP_TIMEOUT
+            self.kill(c.pid, signal.SIGTERM)
+
+    def on_checker_exit(self, status: int) -> None:
+        c, self.checker = self.checker, None
+        expected = c.stopping or self.stopping
+        (log.info if expected else log.error)("health checker pid %d %s", c.pid, describe_exit(status))
+        if self.stopping:
+            return
+        if expected:
+            self.start_checker()  # for the generation that replaced its own
+            return
+        now = time.monotonic()
+        wait = self.checker_backoff.schedule(now, died_young=now - c.started < QUICK_DEATH)
+        if wait:
+            log.warning("the health checker keeps dying; restarting it in %.1fs", wait)
+
     # ---- timers --------------------------------------------------------------------------------
 
     def next_timeout(self) -> float:
@@ -559,6 +647,10 @@ class Master:
         now = time.monotonic()
         times = [w.kill_at for w in self.workers.values() if w.kill_at is not None]
         times += [b.respawn_at for b in self.backoff.values() if b.respawn_at is not None]
+        if self.checker_backoff.respawn_at is not None:
+            times.append(self.checker_backoff.respawn_at)
+        if self.checker is not None and self.checker.kill_at is not None:
+            times.append(self.checker.kill_at)
         if self.pending is not None:
             times.append(self.pending_deadline)
         return max(0.0, min([now + MAX_WAIT, *times]) - now)
@@ -573,6 +665,13 @@ class Master:
                 w.kill_at = None
         if self.pending is not None and now >= self.pending_deadline:
             self.abandon_pending(f"generation {self.pending.number} not ready after {READY_TIMEOUT:.0f}s")
+        if self.checker is not None and self.checker.kill_at is not None and self.checker.kill_at <= now:
+            log.warning("health checker pid %d still alive after its timeout, killing it", self.checker.pid)
+            self.kill(self.checker.pid, signal.SIGKILL)
+            self.checker.kill_at = None
+        if self.checker_backoff.respawn_at is not None and self.checker_backoff.respawn_at <= now:
+            self.checker_backoff.respawn_at = None
+            self.start_checker()
         for slot, b in list(self.backoff.items()):
             if b.respawn_at is not None and b.respawn_at <= now:
                 b.respawn_at = None

@@ -13,6 +13,7 @@ Master call sequence::
     upstream_ids = metrics.register_upstreams(names, in_use)  # live generations still use
     server_ids = metrics.register_servers(keys, in_use)  # Upstream.server_key of each server
     metrics.mark_removed_servers(server_ids)           # when a generation becomes the current one
+    metrics.clear_check_results(unchecked_ids)          # then, while no health checker runs
     slot = metrics.assign_counter_slot()               # per worker, before its fork
     pid = os.fork()   # worker: metrics.writer(slot), handed to the core
     metrics.add_worker(pid, worker_slot, generation, slot)
@@ -30,6 +31,8 @@ from fastproxy._core import SERVER_REMOVED_FLAG as SERVER_REMOVED, MetricsSlots
 
 from . import layout as L
 from .zones import Zone
+
+CHECK_UNKNOWN = L.CHECK_STATE_NAMES.index("unknown")
 
 
 class ZoneFull(RuntimeError):
@@ -139,8 +142,8 @@ class MetricsZone:
                                  L.RESERVED_ROUTES, self.slots.fold_route)
         self.upstreams = _NameTable(self, "upstream", L.MAX_UPSTREAMS, L.upstream_name_offset,
                                     L.M_UPSTREAMS_HIGH, L.RESERVED_UPSTREAMS, self.slots.fold_upstream)
-        self.servers = _NameTable(self, "server", L.MAX_SERVERS, L.server_name_offset,
-                                  L.M_SERVERS_HIGH, L.RESERVED_SERVERS, self.slots.fold_server)
+        self.server_names = _NameTable(self, "server", L.MAX_SERVERS, L.server_name_offset,
+                                       L.M_SERVERS_HIGH, L.RESERVED_SERVERS, self.slots.fold_server)
 
     @classmethod
     def create(cls, zone: Zone) -> "MetricsZone":
@@ -149,7 +152,7 @@ class MetricsZone:
         metrics.words[L.master_word(L.M_START_TIME_US)] = int(time.time() * 1e6)
         metrics.routes.create_reserved()
         metrics.upstreams.create_reserved()
-        metrics.servers.create_reserved()
+        metrics.server_names.create_reserved()
         metrics.words[L.slot_table_word(L.MASTER_SLOT)] = L.SLOT_ASSIGNED
         metrics.words[L.master_word(L.M_SLOTS_HIGH)] = L.MASTER_SLOT + 1
         return metrics
@@ -188,15 +191,21 @@ class MetricsZone:
     def register_servers(self, keys: Iterable[str], in_use: Iterable[int] = ()) -> Tuple[int, ...]:
         """Indexes for server keys (Upstream.server_key): a key the zone already has keeps its
         index, so its health, connections and counters carry over a reload."""
-        return self.servers.register(keys, in_use)
+        return self.server_names.register(keys, in_use)
 
     def mark_removed_servers(self, current: Iterable[int]) -> None:
         """Flag every server index outside the current generation's as removed: workers of a
         draining generation stop choosing those at once."""
         current = set(current)
-        for index, _ in self.servers.raw_entries():
+        for index, _ in self.server_names.raw_entries():
             if index not in L.RESERVED_SERVERS.values():
                 self.slots.set_server_flags(index, 0 if index in current else SERVER_REMOVED)
+
+    def clear_check_results(self, indexes: Iterable[int]) -> None:
+        """Forget the health checker's results for these servers (their upstream has no checks
+        now): called only while no checker runs, since the checker writes them otherwise."""
+        for index in indexes:
+            self.slots.set_check_result(index, CHECK_UNKNOWN, 0, 0)
 
     def route_names(self) -> Dict[int, str]:
         return {index: raw.decode() for index, raw in self.routes.raw_entries()}
@@ -300,7 +309,7 @@ class MetricsZone:
         as MetricsSlots.server_state gives it (read as it is now)."""
         while True:
             seq = self.access.read_begin()
-            entries = self.servers.raw_entries()
+            entries = self.server_names.raw_entries()
             span = entries[-1][0] + 1 if entries else 0
             totals = self.slots.totals(0, min(self.slots_high(), L.COUNTER_SLOTS), 0, 0, span)[3]
             if not self.access.read_retry(seq):

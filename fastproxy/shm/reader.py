@@ -9,22 +9,116 @@ since every field is one aligned 8-byte word.
 
 The exposition is written by hand rather than with prometheus_client: that library keeps its
 metrics in per-process registries, while ours are summed from shared slots (docs/metrics.md).
+
+Per-server state needs the configuration too (weights, backup, down, whether checks run): the
+worker passes what its runtime says, once, as configured_servers() builds it; the rest (health,
+connections, counters) is read from the zone.
 """
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+from fastproxy._core import SERVER_REMOVED_FLAG as SERVER_REMOVED
 
 from . import layout as L
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CHECK_UP, CHECK_DOWN = (L.CHECK_STATE_NAMES.index(name) for name in ("up", "down"))
 
 
-def status(zone) -> dict:
-    """The /status document: who is running, since when, with which config."""
+class ConfiguredServer(NamedTuple):
+    upstream: str
+    checked: bool  # the upstream has [upstreams.NAME.health]
+    server: object  # config.runtime.Server
+    index: int  # its server index in the zone
+
+
+def configured_servers(runtime, server_ids: Sequence[Sequence[int]]) -> Tuple[ConfiguredServer, ...]:
+    """The servers of a worker's runtime with their zone indexes (server_ids parallel to
+    runtime.upstreams), in config order."""
+    return tuple(ConfiguredServer(upstream.name, upstream.health is not None, server, index)
+                 for upstream, ids in zip(runtime.upstreams, server_ids)
+                 for server, index in zip(upstream.servers, ids))
+
+
+def server_state(configured: ConfiguredServer, state: dict, now_us: int) -> Tuple[str, str, float]:
+    """(state, cause, effective weight) of a configured server: "up", "down" (cause
+    "config", "active" or "passive"), "backup", "draining" or "unknown"."""
+    server = configured.server
+    if state["flags"] & SERVER_REMOVED:
+        return "draining", None, 0
+    if server.down:
+        return "down", "config", 0
+    if state["check_state"] == CHECK_DOWN:
+        return "down", "active", 0
+    if state["down_until_us"] > now_us:
+        return "down", "passive", 0
+    weight = server.weight
+    ramped = now_us - state["up_since_us"]
+    if server.slow_start and state["up_since_us"] and ramped < server.slow_start * 1e6:
+        # from a tenth to the whole weight over slow_start (the balance code's ramp)
+        weight = round(weight * (0.1 + 0.9 * ramped / (server.slow_start * 1e6)), 2)
+    if server.backup:
+        return "backup", None, weight
+    if configured.checked and state["check_state"] != CHECK_UP:
+        return "unknown", None, weight
+    return "up", None, weight
+
+
+def _check(checked: bool, state: dict):
+    if not checked:
+        return None
+    probed = state["check_time_us"] != 0
+    return {"time": state["check_time_us"] / 1e6 if probed else None,
+            "status": state["check_status"] if probed else None,
+            "result": L.CHECK_FAILURE_NAMES[state["check_failure"]] if probed else None}
+
+
+def upstreams_status(zone, servers: Sequence[ConfiguredServer]) -> Dict[str, dict]:
+    """/status "upstreams": per upstream, its servers (those of the configuration, then those
+    a reload removed while connections to them are still in use, as "draining")."""
+    by_key = {key: (counters, state) for key, counters, state in zone.servers()}
+    now_us = int(time.monotonic() * 1e6)  # CLOCK_MONOTONIC, ServerState's clock
+    out: Dict[str, dict] = {}
+    configured = set()
+    for c in servers:
+        key = f"{c.upstream}/{c.server.address}"
+        configured.add(key)
+        if key not in by_key:
+            continue  # registered after this worker's generation: not ours to show
+        counters, state = by_key[key]
+        name, cause, weight = server_state(c, state, now_us)
+        entry = {"address": str(c.server.address), "name": c.server.name, "state": name}
+        if cause is not None:
+            entry["cause"] = cause
+        entry.update(_server_numbers(counters, state))
+        entry.update(weight=c.server.weight, effective_weight=weight, backup=c.server.backup,
+                     check=_check(c.checked, state))
+        out.setdefault(c.upstream, {"servers": []})["servers"].append(entry)
+    for key, (counters, state) in by_key.items():
+        if key in configured or not state["flags"] & SERVER_REMOVED or not state["active"]:
+            continue
+        upstream, _, address = key.partition("/")
+        entry = {"address": address, "state": "draining", **_server_numbers(counters, state)}
+        out.setdefault(upstream, {"servers": []})["servers"].append(entry)
+    return out
+
+
+def _server_numbers(counters: tuple, state: dict) -> dict:
+    requests, failures, _, _, _ = counters
+    active = state["active"]
+    return {"active": 0 if active > 1 << 63 else active,  # "below zero": see MetricsWriter
+            "requests": requests, "failures": dict(zip(L.UPSTREAM_ERROR_KINDS, failures))}
+
+
+def status(zone, servers: Sequence[ConfiguredServer] = ()) -> dict:
+    """The /status document: who is running, since when, with which config, and the state of
+    the upstreams' servers."""
     info = zone.master_info()
     info["uptime_seconds"] = round(max(0.0, time.time() - info["started"]), 3)
     info["workers"] = zone.workers()
+    info["upstreams"] = upstreams_status(zone, servers)
     return info
 
 
@@ -32,10 +126,21 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_prometheus(zone) -> bytes:
+def _histogram(out: List[str], name: str, labels: str, buckets: tuple, sum_us: int) -> None:
+    """One histogram's series from per-bucket counts (made cumulative here)."""
+    cumulative = 0
+    for count, bound in zip(buckets, L.DURATION_BUCKETS + (None,)):
+        cumulative += count
+        le = "+Inf" if bound is None else f"{bound:g}"
+        out.append(f'{name}_bucket{{{labels},le="{le}"}} {cumulative}\n')
+    out.append(f'{name}_sum{{{labels}}} {sum_us / 1e6!r}\n{name}_count{{{labels}}} {cumulative}\n')
+
+
+def render_prometheus(zone, servers: Sequence[ConfiguredServer] = ()) -> bytes:
     """Every metric in the Prometheus text exposition format 0.0.4."""
     routes, upstreams, totals = zone.snapshot()
-    info = status(zone)
+    info = zone.master_info()
+    info["workers"] = zone.workers()
     out: List[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -51,15 +156,7 @@ def render_prometheus(zone) -> bytes:
     family("fastproxy_request_duration_seconds", "histogram",
            "Time from the first byte of a request to the last byte of its response.")
     for route, (_, buckets, sum_us) in routes:
-        label = _label(route)
-        cumulative = 0
-        for count, bound in zip(buckets, L.DURATION_BUCKETS + (None,)):
-            cumulative += count
-            le = "+Inf" if bound is None else f"{bound:g}"
-            out.append(f'fastproxy_request_duration_seconds_bucket{{route="{label}",le="{le}"}} '
-                       f"{cumulative}\n")
-        out.append(f'fastproxy_request_duration_seconds_sum{{route="{label}"}} {sum_us / 1e6!r}\n'
-                   f'fastproxy_request_duration_seconds_count{{route="{label}"}} {cumulative}\n')
+        _histogram(out, "fastproxy_request_duration_seconds", f'route="{_label(route)}"', buckets, sum_us)
 
     bytes_in, bytes_out, accepted, active, codings, static_status, handshakes, tls_failures = totals
     for name, value, help_text in (
@@ -110,6 +207,8 @@ def render_prometheus(zone) -> bytes:
             out.append(f'fastproxy_mirror_requests_total{{upstream="{_label(upstream)}",'
                        f'result="{result}"}} {count}\n')
 
+    _render_servers(out, family, zone, servers)
+
     family("fastproxy_active_connections", "gauge", "Client connections open now.")
     out.append(f"fastproxy_active_connections {active}\n")
     family("fastproxy_workers", "gauge", "Worker processes, by state.")
@@ -121,3 +220,43 @@ def render_prometheus(zone) -> bytes:
     family("fastproxy_start_time_seconds", "gauge", "Start time of the master, unix seconds.")
     out.append(f"fastproxy_start_time_seconds {info['started']!r}\n")
     return "".join(out).encode()
+
+
+def _render_servers(out: List[str], family, zone, servers: Sequence[ConfiguredServer]) -> None:
+    """The per-server families: counters for every server the zone names (a removed one keeps
+    its series while its name is not reclaimed, "_retired" holds the reclaimed ones' counts),
+    fastproxy_upstream_server_up for the servers of the configuration."""
+    entries, states = [], {}
+    for key, counters, state in zone.servers():
+        upstream, _, address = key.partition("/")
+        labels = f'upstream="{_label(upstream)}",server="{_label(address or key)}"'
+        entries.append((labels, counters, state))
+        states[key] = state
+    family("fastproxy_upstream_server_requests_total", "counter",
+           "Exchanges started with a server (retries included).")
+    for labels, (requests, _, _, _, _), _ in entries:
+        out.append(f"fastproxy_upstream_server_requests_total{{{labels}}} {requests}\n")
+    family("fastproxy_upstream_server_failures_total", "counter",
+           "Failed exchanges with a server, by kind: connect, reset, timeout, status (a fail_status response).")
+    for labels, (_, failures, _, _, _), _ in entries:
+        for kind, count in zip(L.UPSTREAM_ERROR_KINDS, failures):
+            out.append(f'fastproxy_upstream_server_failures_total{{{labels},kind="{kind}"}} {count}\n')
+    family("fastproxy_upstream_server_active", "gauge", "Connections in use to a server, across workers.")
+    for labels, _, state in entries:
+        active = state["active"]
+        if labels.startswith(f'upstream="{L.RETIRED_NAME}"'):
+            continue  # counts folded from reclaimed names; no connections
+        out.append(f"fastproxy_upstream_server_active{{{labels}}} {0 if active > 1 << 63 else active}\n")
+    family("fastproxy_upstream_server_response_seconds", "histogram",
+           "Time from a request sent to a server to the end of its response.")
+    for labels, (_, _, _, buckets, sum_us), _ in entries:
+        _histogram(out, "fastproxy_upstream_server_response_seconds", labels, buckets, sum_us)
+    family("fastproxy_upstream_server_up", "gauge",
+           "1 while a configured server may take requests (up, backup or unknown), 0 while it is down.")
+    now_us = int(time.monotonic() * 1e6)
+    for c in servers:
+        state = states.get(f"{c.upstream}/{c.server.address}")
+        if state is not None:
+            up = server_state(c, state, now_us)[0] not in ("down", "draining")
+            out.append(f'fastproxy_upstream_server_up{{upstream="{_label(c.upstream)}",'
+                       f'server="{c.server.address}"}} {int(up)}\n')
