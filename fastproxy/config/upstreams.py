@@ -117,14 +117,17 @@ HEALTH = Section("health", "[upstreams.NAME.health]", TABLE, OFF, (
     Key("path", String(), REQUIRED, "Path (and query) each server is probed at, e.g. `\"/healthz\"`."),
     Key("method", Method(), "GET", "Method of the probe."),
     Key("host", String(), None, "Host header of the probe.", "the server's address"),
-    Key("interval", Duration(), "5s", "Time between two probes of one server."),
-    Key("timeout", Duration(), "2s", "A probe with no complete response within this fails."),
+    Key("interval", Duration(), "5s", "Time between two probes of one server (start to start)."),
+    Key("timeout", Duration(), "2s", "A probe with no complete response within this (connect included) "
+        "fails."),
     Key("healthy_threshold", Integer(1), 2, "Consecutive passed probes that bring a down server up."),
     Key("unhealthy_threshold", Integer(1), 3, "Consecutive failed probes that take an up server down."),
     Key("expect_status", StatusRanges(), "200-399", "Statuses that pass."),
-    Key("expect_body", String(), None, "A substring the response body must contain to pass.", "any body"),
+    Key("expect_body", String(), None, "A substring the response body must contain to pass (looked for "
+        "in its first 64 KiB).", "any body"),
 ), "Active health checks: one checker process probes every server for the whole instance and all "
-   "workers see the result (docs/upstreams.md).")
+   "workers follow its verdict. A server not probed yet takes requests; its first probe decides "
+   "whether it is up or down, then the thresholds apply (docs/health-checks.md).")
 
 UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (
     Key("servers", ListOf(ServerEntry(), 'array of "host:port" or server tables'), REQUIRED,
