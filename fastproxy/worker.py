@@ -44,7 +44,8 @@ def _tune_malloc() -> None:
 
 def exit_with_master(master_pid: int) -> None:
     """Ask the kernel for SIGQUIT when the master dies, so no worker outlives it holding
-    the port; a master that died before this call is caught by the ppid check."""
+    the port (nor the health checker it); a master that died before this call is caught by
+    the ppid check."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
     if os.getppid() != master_pid:

@@ -321,7 +321,7 @@ def test_status_and_metrics_content(make_proxy, make_origin):
 def test_status_backup_and_down_by_config(make_proxy, make_origin, state):
     a, b = make_origin("a"), make_origin("b")
     cfg = {"upstreams": {"app": upstream(max_fails=0)}, "routes": [{"path_prefix": "/", "upstream": "app"}]}
-    second = {"address": b.address, "backup": True} if state == "backup" else {"address": b.address, "down": True}
+    second = {"address": b.address, "backup" if state == "backup" else "down": True}
     cfg["upstreams"]["app"]["servers"] = [a.address, second]
     proxy = make_proxy(cfg)
     server = servers(proxy)[b.address]

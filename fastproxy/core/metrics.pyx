@@ -169,11 +169,13 @@ ctypedef struct ServerState:
 DURATION_BUCKETS = tuple([fp_duration_bounds[i] for i in range(METRICS_FINITE_BUCKETS)])
 UPSTREAM_ERROR_KIND_NAMES = ("connect", "reset", "timeout", "status")  # by UpstreamErrorKind
 CHECK_STATE_NAMES = ("unknown", "up", "down")  # by ServerCheckState
-CHECK_FAILURE_NAMES = ("passed", "connect", "timeout", "closed", "invalid", "status", "body")  # by CheckFailure
+# by CheckFailure
+CHECK_FAILURE_NAMES = ("passed", "connect", "timeout", "closed", "invalid", "status", "body")
 SERVER_STATE_SIZE = sizeof(ServerState)
 # ServerState's words in order, as server_state() names them
 SERVER_STATE_FIELDS = ("active", "fails", "window_start_us", "down_until_us", "probe_until_us",
-                       "up_since_us", "check_state", "check_time_us", "check_status", "check_failure", "flags")
+                       "up_since_us", "check_state", "check_time_us", "check_status", "check_failure",
+                       "flags")
 SERVER_REMOVED_FLAG = SERVER_REMOVED
 CODING_NAMES = ("zstd", "br", "gzip")  # by CODING_*
 MIRROR_RESULT_NAMES = ("sent", "failed", "abandoned", "skipped")  # by MirrorResult

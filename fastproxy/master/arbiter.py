@@ -97,7 +97,8 @@ class SpawnError(Exception):
 
 @dataclass
 class SlotBackoff:
-    """Respawn pacing for one slot: at once, then 0.1s doubling to 10s while it keeps dying young."""
+    """Respawn pacing for one slot (or the health checker): at once, then 0.1s doubling to 10s
+    while it keeps dying young."""
     delay: float = 0.0  # wait before the next respawn if this slot's worker dies young again
     respawn_at: Optional[float] = None
 

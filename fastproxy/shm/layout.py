@@ -37,9 +37,9 @@ from __future__ import annotations
 
 # What the Cython side defines, for the offsets below and the reader's labels.
 from fastproxy._core import (  # noqa: F401 (the names' tuples: re-exported for the reader)
-    CHECK_FAILURE_NAMES, CHECK_STATE_NAMES, CODING_NAMES, DURATION_BUCKETS, MIRROR_RESULT_NAMES, SERVER_STATE_SIZE,
-    TLS_FAILURE_NAMES, TLS_VERSION_NAMES, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES, ZONE_HEADER_SIZE,
-    metrics_slot_size)
+    CHECK_FAILURE_NAMES, CHECK_STATE_NAMES, CODING_NAMES, DURATION_BUCKETS, MIRROR_RESULT_NAMES,
+    SERVER_STATE_SIZE, TLS_FAILURE_NAMES, TLS_VERSION_NAMES, UNROUTED_ROUTE, UPSTREAM_ERROR_KIND_NAMES,
+    ZONE_HEADER_SIZE, metrics_slot_size)
 
 ZONE_NAME = "metrics"
 LAYOUT_VERSION = 7  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror

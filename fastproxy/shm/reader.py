@@ -237,7 +237,8 @@ def _render_servers(out: List[str], family, zone, servers: Sequence[ConfiguredSe
     for labels, (requests, _, _, _, _), _ in entries:
         out.append(f"fastproxy_upstream_server_requests_total{{{labels}}} {requests}\n")
     family("fastproxy_upstream_server_failures_total", "counter",
-           "Failed exchanges with a server, by kind: connect, reset, timeout, status (a fail_status response).")
+           "Failed exchanges with a server, by kind: connect, reset, timeout, "
+           "status (a fail_status response).")
     for labels, (_, failures, _, _, _), _ in entries:
         for kind, count in zip(L.UPSTREAM_ERROR_KINDS, failures):
             out.append(f'fastproxy_upstream_server_failures_total{{{labels},kind="{kind}"}} {count}\n')
