@@ -210,6 +210,33 @@ def test_timeout_and_refused(make_proxy, make_origin):
     assert set(spread(proxy, 10)) == {"a"}
 
 
+def test_probe_reads_a_bounded_response(make_proxy, make_origin):
+    big, garbage, silent = make_origin("big"), make_origin("garbage"), make_origin("silent")
+
+    def endless(conn, req):
+        # a body announced as 1 GiB, sent until the prober goes: it is judged on its first
+        # 64 KiB, not read to the end (nor timed out)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\nok")
+        while True:
+            conn.sendall(b"x" * 65536)
+
+    def not_http(conn, req):
+        conn.sendall(b"SPDY/9 hello\r\n\r\n")
+        conn.keep_alive = False
+
+    big.handlers["healthz"] = endless
+    garbage.handlers["healthz"] = not_http
+    silent.handlers["healthz"] = lambda conn, req: setattr(conn, "keep_alive", False)
+    proxy = make_proxy(config(big, garbage, silent, expect_body="ok", timeout="5s", workers=1))
+    wait_state(proxy, big, "up")
+    wait_state(proxy, garbage, "down")
+    wait_state(proxy, silent, "down")
+    assert servers(proxy)[garbage.address]["check"]["result"] == "invalid"
+    assert servers(proxy)[silent.address]["check"]["result"] == "closed"
+    assert log_lines(proxy, rf"server {re.escape(garbage.address)} is down: invalid response$")
+    assert log_lines(proxy, rf"server {re.escape(silent.address)} is down: closed before a full response$")
+
+
 def test_checker_restarted_when_killed_and_gone_after_quit(make_proxy, make_origin):
     a = make_origin("a")
     health = Health(a)
