@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import threading
 import time
 
 import pytest
 
 from harness.client import fetch
+from harness.pki import CA
 from harness.proxy import cmdline, pid_alive, upstream, wait_until
 
 INTERVAL = "0.2s"
@@ -50,6 +52,12 @@ class Health:
             self.body = self.body if body is None else body
             self.delay = self.delay if delay is None else delay
             return len(self.probes)
+
+
+def server_context(cert) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*map(str, cert))
+    return context
 
 
 def proxied(origin):
@@ -235,6 +243,24 @@ def test_probe_reads_a_bounded_response(make_proxy, make_origin):
     assert servers(proxy)[silent.address]["check"]["result"] == "closed"
     assert log_lines(proxy, rf"server {re.escape(garbage.address)} is down: invalid response$")
     assert log_lines(proxy, rf"server {re.escape(silent.address)} is down: closed before a full response$")
+
+
+def test_tls_upstream_probed_over_tls(make_proxy, make_origin, tmp_path):
+    ca, unknown = CA(tmp_path), CA(tmp_path, "unknown CA")
+    good = make_origin("good", tls=server_context(ca.issue("good", ["origin.test"])))
+    stranger = make_origin("stranger", tls=server_context(unknown.issue("stranger", ["origin.test"])))
+    Health(good)
+    Health(stranger)
+    cfg = config(workers=1)
+    cfg["upstreams"]["app"].update(servers=[f"https://{good.address}", f"https://{stranger.address}"],
+                                   tls={"ca": str(ca.path), "server_name": "origin.test"})
+    proxy = make_proxy(cfg)
+    wait_state(proxy, good, "up")
+    wait_state(proxy, stranger, "down")  # its certificate is not from the configured CA
+    assert servers(proxy)[stranger.address]["check"]["result"] == "connect"
+    assert log_lines(proxy, rf"server {re.escape(stranger.address)} is down: TLS handshake failed: "
+                            r"CERTIFICATE_VERIFY_FAILED$")
+    assert good.handshakes >= 1
 
 
 def test_checker_restarted_when_killed_and_gone_after_quit(make_proxy, make_origin):

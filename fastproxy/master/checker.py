@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import httptools
 import uvloop
@@ -55,6 +56,8 @@ class Target:
     index: int  # its server index in the metrics zone
     check: HealthCheck
     request: bytes  # the probe request, built once
+    tls: Optional[ssl.SSLContext]  # the upstream's (Upstream.tls): probes use TLS as requests do
+    tls_name: Optional[str]  # the name verified and sent as SNI (Server.tls_name)
 
     @property
     def what(self) -> str:
@@ -73,7 +76,8 @@ def targets(runtime: Runtime, server_ids: Sequence[Sequence[int]]) -> Tuple[Targ
             host = check.host if check.host is not None else str(server.address).encode()
             request = (check.method + b" " + check.path + b" HTTP/1.1\r\nHost: " + host
                        + b"\r\nUser-Agent: " + USER_AGENT + b"\r\nConnection: close\r\n\r\n")
-            found.append(Target(upstream.name, server.address, index, check, request))
+            found.append(Target(upstream.name, server.address, index, check, request, upstream.tls,
+                                server.tls_name))
     return tuple(found)
 
 
@@ -107,9 +111,13 @@ async def probe(target: Target) -> Result:
     try:
         async with asyncio.timeout(check.timeout):
             try:
-                reader, writer = await asyncio.open_connection(target.address.host, target.address.port)
+                reader, writer = await asyncio.open_connection(
+                    target.address.host, target.address.port, ssl=target.tls, server_hostname=target.tls_name,
+                    ssl_handshake_timeout=None if target.tls is None else check.timeout + 1)
             except ConnectionRefusedError:
                 return Result(FAIL_CONNECT, 0, "connect refused")
+            except ssl.SSLError as e:
+                return Result(FAIL_CONNECT, 0, f"TLS handshake failed: {e.reason or e}")
             except OSError as e:
                 return Result(FAIL_CONNECT, 0, f"connect failed: {e.strerror or e}")
             try:
