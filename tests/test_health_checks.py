@@ -282,6 +282,16 @@ def test_checker_restarted_when_killed_and_gone_after_quit(make_proxy, make_orig
     assert log_lines(proxy, rf"health checker pid {second[0]} exited with code 0")
 
 
+def test_checker_exits_with_a_killed_master(make_proxy, make_origin):
+    a = make_origin("a")
+    Health(a)
+    proxy = make_proxy(config(a, workers=1))
+    checker = wait_until(lambda: checker_pids(proxy), 15, message="the checker")[0]
+    proxy.signal(signal.SIGKILL)
+    proxy.wait_exit(10)
+    wait_until(lambda: not pid_alive(checker), 15, message="the checker to exit with its master")
+
+
 def test_reload_keeps_a_down_server_down(make_proxy, make_origin):
     a, b = make_origin("a"), make_origin("b")
     Health(a)
