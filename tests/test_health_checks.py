@@ -189,6 +189,26 @@ def test_failing_server_goes_down_then_back_up(make_proxy, make_origin):
     assert len(log_lines(proxy, r"is down")) == 1  # one line per change, no repeats
 
 
+def test_killed_server_down_then_back_when_restarted(make_proxy, make_origin):
+    a, b = make_origin("a"), make_origin("b")
+    Health(a)
+    Health(b)
+    proxy = make_proxy(config(a, b))
+    wait_state(proxy, b, "up")
+    b.stop()  # gone: its port refuses connections
+    wait_state(proxy, b, "down")
+    assert log_lines(proxy, rf"server {re.escape(b.address)} is down: connect refused \(3 probes in a row\)$")
+    assert set(spread(proxy, 10)) == {"a"}
+    again = make_origin("b-again", port=b.port)
+    health = Health(again)
+    wait_state(proxy, b, "up")
+    # back after healthy_threshold passed probes: within interval x healthy_threshold, plus
+    # the probe in flight when it came back
+    assert health.count() >= 2
+    assert log_lines(proxy, rf"server {re.escape(b.address)} is up")[-1].endswith("(2 probes in a row)")
+    wait_until(lambda: "b-again" in spread(proxy, 10), 10, message="requests to the restarted server")
+
+
 def test_expect_body(make_proxy, make_origin):
     a, b = make_origin("a"), make_origin("b")
     Health(a, body=b"status: ok")

@@ -249,7 +249,7 @@ class Origin:
     """Threaded HTTP/1.1 origin on a free loopback port (see module docstring)."""
 
     def __init__(self, name: str = "origin", close_after_response: bool = False,
-                 tls: Optional[ssl.SSLContext] = None):
+                 tls: Optional[ssl.SSLContext] = None, port: int = 0):
         self.name = name
         self.tls = tls
         self.handshakes = 0
@@ -268,7 +268,7 @@ class Origin:
         self._closing = False
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind(("127.0.0.1", port))  # a port: a stopped origin's, to restart it
         self.listener.listen(1024)
         self.port = self.listener.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
