@@ -148,16 +148,20 @@ UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (
     Key("fail_status", ListOf(Integer(400, 599), "array of statuses", empty=True), [], "Response statuses "
         "that count as a failure of the server, e.g. `[500, 503]`."),
     Key("retry_on", ListOf(Choice(*RETRY_ON), "array of conditions", empty=True), ["error", "timeout"],
-        'When a request is tried again on another server: `"error"` (connect failed), `"timeout"` '
-        '(connect or read timeout before any response byte), `"reset"` (connection lost before the response '
-        'head), `"502"`, `"503"`, `"504"` (that status from the server); `[]`: never.'),
-    Key("tries", Integer(1), 2, "Most servers one request is sent to, the first included."),
+        'When a request is tried again on another server, as long as no byte of the response has reached '
+        'the client: `"error"` (connect failed), `"timeout"` (connect, send or read timeout before the '
+        'response head), `"reset"` (connection closed or reset, or an invalid response, before the response '
+        'head), `"502"`, `"503"`, `"504"` (that status from the server: not relayed, the connection is '
+        'closed; the last try\'s answer is relayed whatever it is); `[]`: never. See docs/retries.md.'),
+    Key("tries", Integer(1), 2, "Most servers one request is sent to, the first included; 1: no retry. A "
+        "stale kept-alive connection found closed is retried on a fresh one without counting as a try."),
     Key("retry_timeout", Duration(zero=True), "0s", "No retry starts this long after the first try "
         "began; 0: no bound."),
-    Key("retry_non_idempotent", Boolean(), False, "Also retry POST, PATCH and LOCK requests (once sent, "
-        "they may have taken effect)."),
-    Key("retry_buffer", Size(zero=True), "64k", "A request body up to this size is kept so that the request "
-        "can be retried after its body went to a server; a longer body is not retried once sent."),
+    Key("retry_non_idempotent", Boolean(), False, "Also retry POST, PATCH and LOCK requests once they may "
+        "have reached a server (they may have taken effect); a failed connect is retried for any method."),
+    Key("retry_buffer", Size(zero=True), "64k", "A request body is kept, while what was sent of it fits in "
+        "this, so that a retry can send it again; once more has gone to a server, a failure is not "
+        "retried. 0: bodies are not kept."),
     Key("keepalive", Integer(0), 32, "Idle connections each worker keeps open to this upstream for reuse; "
         "0: none."),
     Key("keepalive_timeout", Duration(), "60s", "An idle kept connection is closed after this."),

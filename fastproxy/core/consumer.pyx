@@ -18,6 +18,8 @@ cdef class UpstreamConsumer:
     cdef bint response_started   # part of the response went on: a failure can no longer answer
     cdef bint aborted            # its owner is gone: nothing more is delivered to it
     cdef bint retried            # sent again once already on a fresh connection
+    cdef int retries             # sent again to another server this many times (retry_on)
+    cdef uint64_t tried          # bit i: server i of its pool was tried (for the balancer)
 
     # -- the response, as the connection reads it ---------------------------------------------
 
@@ -51,6 +53,13 @@ cdef class UpstreamConsumer:
     cdef bint can_retry(self) noexcept:
         """The request may be sent again on a fresh connection when a pooled one turned out
         closed before any response byte."""
+        return False
+
+    cdef bint can_resend(self, UpstreamPool pool, bint sent) except -1:
+        """The upstream's retry policy allows one more try and a failure says retry: may
+        the request go, whole, to another server? `sent`: it may have reached the failed one
+        (so a non-idempotent method is only retried with retry_non_idempotent). A subrequest
+        is not: it goes to one server (docs/retries.md)."""
         return False
 
     cdef int response_cut(self) except -1:

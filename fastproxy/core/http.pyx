@@ -75,6 +75,9 @@ cdef bytes CONNECTION_CLOSE = b"Connection: close\r\n"
 cdef bytes CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 cdef bytes CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+# retried on another server only with retry_non_idempotent (nginx's list: a method RFC 9110
+# does not call idempotent, or an extension one, is taken as idempotent)
+cdef frozenset NON_IDEMPOTENT = frozenset([b"POST", b"PATCH", b"LOCK"])
 # Allow for TRACE on a route open to every method (TRACE needs a route that names it)
 cdef bytes ALLOW_WITHOUT_TRACE = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
@@ -107,6 +110,11 @@ cdef class Exchange(UpstreamConsumer):
     cdef list up_out            # upstream-bound bytes not yet written
     cdef Py_ssize_t up_out_size
     cdef bytes upstream_head    # kept for a retry on a fresh connection
+    # request body pieces (as framed upstream) already sent, kept for a retry on another
+    # server while they fit in the upstream's retry_buffer; None when not kept
+    cdef list sent_body
+    cdef Py_ssize_t sent_size
+    cdef bint body_gone         # body bytes went upstream and were not kept: no retry
     cdef bytes allow            # Allow value for a 405
     cdef int filter_state       # FS_*: pause and resume in the request_head filters
     cdef list paused_body       # body pieces read while paused, for the request_body hooks
@@ -442,13 +450,32 @@ cdef class Exchange(UpstreamConsumer):
         if out is None or self.upstream is None or self.upstream.state != UP_BUSY:
             return 0
         self.up_out = None
+        self.keep_sent(out, self.up_out_size)
         self.up_out_size = 0
         self.upstream.send(out)
+        return 0
+
+    cdef int keep_sent(self, list pieces, Py_ssize_t size) except -1:
+        """Body pieces (`size` bytes) going upstream now: kept while all that was sent fits
+        in retry_buffer, so that a retry sends them again; past that they are let go, and
+        the request is no longer retried."""
+        if self.sent_body is not None:
+            if self.sent_size + size <= self.route.pool.retry_buffer:
+                self.sent_body.extend(pieces)
+                self.sent_size += size
+                return 0
+            self.sent_body = None
+        self.body_gone = True
         return 0
 
     cdef bint can_retry(self) noexcept:
         return not self.retried and self.content_length == 0 and not self.chunked_in \
             and self.method in IDEMPOTENT and not self.upgrading
+
+    cdef bint can_resend(self, UpstreamPool pool, bint sent) except -1:
+        return not self.body_gone \
+            and (not sent or pool.retry_non_idempotent or self.method not in NON_IDEMPOTENT) \
+            and (pool.retry_timeout == 0 or pool.core.now - self.upstream_start < pool.retry_timeout)
 
     # -- what filters may call (docs/extending.md) ------------------------------
 
@@ -633,17 +660,29 @@ cdef class Exchange(UpstreamConsumer):
         if self.expect_continue:
             client.write(CONTINUE_100)
         self.upstream_start = client.core.now
+        if self.content_length != 0 and self.route.pool.keep_body and (
+                self.route.pool.retry_non_idempotent or self.method not in NON_IDEMPOTENT):
+            self.sent_body = []  # a body a retry may have to send again (keep_sent)
         client.core.metrics.upstream_request(self.route.pool.metric_id)
         self.route.pool.acquire(self, False)
         return 0
 
     cdef int upstream_ready(self, UpstreamConnection conn) except -1:
         cdef list pending = self.up_out
+        if pending is not None:
+            self.up_out = None
+            self.keep_sent(pending, self.up_out_size)
+            self.up_out_size = 0
+        if self.retries:
+            # another server after a failure: the body the failed one got goes again (what
+            # was just kept included), and the client is read again if the failed one's full
+            # buffer had paused it
+            self.client.resume_reading(PAUSE_UPSTREAM_FULL)
+            if self.sent_body:
+                pending = list(self.sent_body)
         if pending is None:
             conn.write_one(self.upstream_head)
         else:
-            self.up_out = None
-            self.up_out_size = 0
             pending.insert(0, self.upstream_head)
             conn.send(pending)
         if self.request_done:
@@ -934,6 +973,7 @@ cdef class Exchange(UpstreamConsumer):
         cdef ResponseHead edits = None
         cdef bint keep_length = True
         self.upstream_time = core.now - self.upstream_start
+        self.sent_body = None  # no retry once the response has begun
         if self.route.response_head_filters:
             edits = core.head_edits
             edits.start(status, raw, first, end, None, -1)

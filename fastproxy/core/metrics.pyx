@@ -109,6 +109,7 @@ ctypedef struct UpstreamCounters:
     uint64_t requests
     uint64_t errors[UPSTREAM_ERROR_KINDS]  # by UpstreamErrorKind
     uint64_t mirrored[MIRROR_RESULTS]  # by MirrorResult, when this upstream is a mirror
+    uint64_t retries  # requests sent again to another server (retry_on)
 
 ctypedef struct RouteCounters:
     uint64_t status[METRICS_STATUS_CLASSES]
@@ -294,7 +295,7 @@ cdef class MetricsSlots:
         bytes after) per CODING_*, static_status the static handler's answers by class 1xx ..
         5xx, tls_handshakes (full, resumed) per TLS_VERSION_NAMES, tls_failures by
         TLS_FAILURE_NAMES, a route is (status classes, buckets, duration sum in µs), an
-        upstream (requests, errors by kind, mirror copies by result), and for server indexes
+        upstream (requests, errors by kind, mirror copies by result, retries), and for server indexes
         [0, servers), a server (requests, failures by kind, connections in use, buckets,
         duration sum in µs). Call it between the zone's read_begin and read_retry."""
         cdef GlobalCounters g
@@ -330,7 +331,8 @@ cdef class MetricsSlots:
                  tuple(g.tls_failures)),
                 [(tuple(r[i].status), tuple(r[i].buckets), r[i].duration_sum_us)
                  for i in range(routes)],
-                [(u[i].requests, tuple(u[i].errors), tuple(u[i].mirrored)) for i in range(upstreams)],
+                [(u[i].requests, tuple(u[i].errors), tuple(u[i].mirrored), u[i].retries)
+                 for i in range(upstreams)],
                 [(sc[i].requests, tuple(sc[i].failures), sc[i].active, tuple(sc[i].buckets),
                   sc[i].duration_sum_us) for i in range(servers)],
             )
@@ -483,6 +485,10 @@ cdef class MetricsWriter:
     cdef void upstream_request(self, int upstream) noexcept nogil:
         if 0 <= upstream < self._max_upstreams:
             _counter_add(&self._upstreams[upstream].requests, 1)
+
+    cdef void upstream_retry(self, int upstream) noexcept nogil:
+        if 0 <= upstream < self._max_upstreams:
+            _counter_add(&self._upstreams[upstream].retries, 1)
 
     cdef void upstream_error(self, int upstream, int kind) noexcept nogil:
         if 0 <= upstream < self._max_upstreams and UPSTREAM_CONNECT <= kind < UPSTREAM_ERROR_KINDS:

@@ -15,6 +15,18 @@ cdef enum:
     WAIT_SEND = 2       # the upstream to take more of the request (its buffer is full)
     WAIT_READ = 3       # a response byte, once the request is sent
 
+cdef enum:
+    # retry_on conditions, a bit each (UpstreamPool.retry_on), in RETRY_CONDITIONS order
+    RETRY_ERROR = 1     # connect failed
+    RETRY_TIMEOUT = 2   # connect, send or read timeout before the response head
+    RETRY_RESET = 4     # closed, reset or an invalid response before the response head
+    RETRY_502 = 8
+    RETRY_503 = 16
+    RETRY_504 = 32
+
+# the names of the RETRY_* bits, lowest first: the values config's retry_on takes
+RETRY_CONDITIONS = ("error", "timeout", "reset", "502", "503", "504")
+
 # The response head, counting the interim (1xx) heads before it, must fit in this: an
 # upstream cannot make us buffer, or relay 1xx responses, without end.
 cdef Py_ssize_t MAX_RESPONSE_HEAD = 64 * 1024
@@ -23,6 +35,12 @@ cdef Py_ssize_t MAX_RESPONSE_HEAD = 64 * 1024
 class _BadResponse(Exception):
     """Raised from a parser callback when the upstream breaks the protocol in a way
     llhttp accepts; the message says how."""
+
+
+class _RetryStatus(Exception):
+    """Raised from on_headers_complete to stop parsing a response head whose status
+    (args[0]) retry_on lists, when the request is to be retried: the only way to stop
+    httptools before the body (a rare path: the server answered 502, 503 or 504)."""
 
 
 @cython.final
@@ -108,6 +126,14 @@ cdef class UpstreamPool:
     # sweep checks their deadlines here. An intrusive list: no allocation per request
     cdef UpstreamConnection busy
     cdef double keepalive_timeout, connect_timeout, read_timeout, send_timeout
+    # the retry policy (docs/retries.md)
+    cdef int retry_on            # RETRY_* bits
+    cdef int tries               # servers one request may be sent to, the first included
+    cdef double retry_timeout    # 0: no bound
+    cdef bint retry_non_idempotent
+    cdef bint keep_body          # a retry may follow a body sent: keep it, up to retry_buffer
+    cdef Py_ssize_t retry_buffer
+    cdef uint64_t all_tried      # `tried` bits of every server (all ones past 64 servers)
 
     def __init__(self, WorkerCore core, upstream, int metric_id, tuple server_ids):
         cdef int i
@@ -140,6 +166,15 @@ cdef class UpstreamPool:
         self.connect_timeout = upstream.connect_timeout
         self.read_timeout = upstream.read_timeout
         self.send_timeout = upstream.send_timeout
+        self.retry_on = sum(1 << RETRY_CONDITIONS.index(c) for c in set(upstream.retry_on))
+        self.tries = upstream.tries
+        self.retry_timeout = upstream.retry_timeout
+        self.retry_non_idempotent = upstream.retry_non_idempotent
+        self.retry_buffer = upstream.retry_buffer
+        # only these failures can follow a body going out ("error" is before the connection)
+        self.keep_body = self.tries > 1 and self.retry_buffer > 0 and bool(self.retry_on & ~RETRY_ERROR)
+        n = len(upstream.servers)
+        self.all_tried = (<uint64_t>1 << n) - 1 if n < 64 else <uint64_t>0 - 1
 
     def __dealloc__(self):
         PyMem_Free(self.server_ids)
@@ -170,14 +205,13 @@ cdef class UpstreamPool:
                     conn.attach(ex)
                     ex.upstream_ready(conn)
                     return 0
-        self.connect(ex, server, n)
+        self.connect(ex, server)
         return 0
 
-    cdef int connect(self, UpstreamConsumer ex, int server, int attempts_left) except -1:
+    cdef int connect(self, UpstreamConsumer ex, int server) except -1:
         cdef UpstreamConnection conn = UpstreamConnection(self, server)
         conn.attach(ex)
         conn.state = UP_CONNECTING
-        conn.attempts_left = attempts_left - 1
         conn.connect_task = self.core.loop.create_task(self.core.loop.create_connection(
             conn._protocol, self.hosts[server], self.ports[server], **<dict>self.connect_options[server]))
         conn.connect_task.add_done_callback(conn._connect_done)
@@ -262,7 +296,6 @@ cdef class UpstreamConnection:
     cdef UpstreamPool pool
     cdef int server
     cdef int state
-    cdef int attempts_left
     cdef object transport
     cdef object parser
     # bound methods looked up once per parser / transport instead of once per call
@@ -279,6 +312,7 @@ cdef class UpstreamConnection:
     cdef int requests            # exchanges completed on this connection
     cdef bint got_bytes          # any response byte for the current exchange
     cdef bint informational      # parsing a 1xx response
+    cdef bint relayed_interim    # a 1xx of the current exchange went to its client: no retry
     cdef bint switching          # a 101: the connection becomes a tunnel
     cdef bint response_head_seen # the current response's head has been read
     cdef bint response_done      # the whole response is parsed; anything after it is an error
@@ -330,31 +364,54 @@ cdef class UpstreamConnection:
         unlist_busy(self.pool, self)
         self.drop_references()
         self.exchange = None
-        if kind == UPSTREAM_CONNECT and self.attempts_left > 0 and ex is not None \
-                and not ex.aborted:
-            # nothing was sent yet, so any method can go to the next server
-            self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
-            self.pool.core.log_upstream_error(ex, self.pool.name, self.address(),
-                                              reason + "; trying the next server")
-            ex.upstream = None
-            self.pool.connect(ex, (self.server + 1) % len(self.pool.hosts), self.attempts_left)
-            return 0
         self.fail_exchange(ex, kind, reason)
         return 0
 
     cdef int fail_exchange(self, UpstreamConsumer ex, int kind, str reason) except -1:
-        """Count and log a failure of this connection, then tell `ex`: 502/504 while no
-        response byte was relayed, else that its response is cut off."""
+        """Count a failure of this connection; retry `ex` on another server if the policy
+        says so, else log it and tell `ex`: 502/504 while no response byte was relayed, else
+        that its response is cut off."""
         self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         if ex is None or ex.aborted:
             return 0
         ex.upstream = None
+        if self.retry(ex, RETRY_ERROR if kind == UPSTREAM_CONNECT else
+                      RETRY_TIMEOUT if kind == UPSTREAM_TIMEOUT else RETRY_RESET,
+                      self.transport is not None, reason):  # connected: it may have been sent
+            return 0
         self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
         if ex.response_started:
             ex.response_cut()
         else:
             ex.upstream_failed(504 if kind == UPSTREAM_TIMEOUT else 502)
         return 0
+
+    cdef bint may_retry(self, UpstreamConsumer ex, int condition, bint sent) except -1:
+        """Whether `ex`, which this connection failed, goes to another server (the
+        upstream's policy, docs/retries.md): `condition` is in retry_on, a try is left, a
+        server is left untried, nothing of the response reached the client, and the
+        consumer can send the request again (`sent`: it may have reached this server)."""
+        cdef UpstreamPool pool = self.pool
+        return (pool.retry_on & condition) != 0 and ex.retries + 1 < pool.tries \
+            and (ex.tried | (<uint64_t>1 << self.server if self.server < 64 else 0)) != pool.all_tried \
+            and not ex.response_started and not self.relayed_interim and ex.can_resend(pool, sent)
+
+    cdef bint retry(self, UpstreamConsumer ex, int condition, bint sent, str reason) except -1:
+        """Send `ex` again, to another server, if may_retry: counted and logged once, with
+        the reason and the server it goes to next. False: nothing done."""
+        cdef UpstreamPool pool = self.pool
+        if not self.may_retry(ex, condition, sent):
+            return False
+        ex.retries += 1
+        if self.server < 64:
+            ex.tried |= <uint64_t>1 << self.server
+        pool.core.metrics.upstream_retry(pool.metric_id)
+        ex.upstream = None
+        pool.acquire(ex, True)
+        pool.core.log_upstream_error(ex, pool.name, self.address(), "%s; retried on %s (try %d of %d)" % (
+            reason, ex.upstream.address() if ex.upstream is not None else "the next free server",
+            ex.retries + 1, pool.tries))
+        return True
 
     cdef str address(self):
         return (<bytes>self.pool.addr_bytes[self.server]).decode()
@@ -365,6 +422,7 @@ cdef class UpstreamConnection:
         ex.upstream = self
         ex.upstream_addr = <bytes>self.pool.addr_bytes[self.server]
         self.got_bytes = False
+        self.relayed_interim = False
         self.head_buf = None
         self.head_start = 0
         self.response_head_seen = False
@@ -482,8 +540,22 @@ cdef class UpstreamConnection:
     cdef int callback_failed(self, object cause) except -1:
         if isinstance(cause, _BadResponse):
             self.protocol_error(cause.args[0])
+        elif isinstance(cause, _RetryStatus):
+            self.status_retry(cause.args[0])
         else:
             self.internal_error(cause)
+        return 0
+
+    cdef int status_retry(self, int status) except -1:
+        """The server answered `status` (502, 503 or 504) and retry_on lists it: its
+        response is dropped unread and the connection closed (a server in that state is not
+        worth waiting on for the body), and the request goes to another server. The last
+        try's response is relayed as it is, whatever its status."""
+        cdef UpstreamConsumer ex = self.exchange
+        self.exchange = None
+        self.close()
+        ex.upstream = None
+        self.retry(ex, RETRY_502 << (status - 502), True, "answered %d" % status)
         return 0
 
     cdef int unsolicited(self, object data) except -1:
@@ -588,10 +660,13 @@ cdef class UpstreamConnection:
             # answer ourselves (we never send Expect upstream)
             if status != 100 and ex.http11:
                 ex.interim_response(self, status, raw, first, end)
+                self.relayed_interim = True
                 self.forget_response_headers()  # they belonged to the 1xx
             return
         if status == 101 and not (ex.upgrading and self.parser.should_upgrade()):
             raise _BadResponse("101 to a request that asked for no upgrade")
+        if 502 <= status <= 504 and self.may_retry(ex, RETRY_502 << (status - 502), True):
+            raise _RetryStatus(status)  # not relayed: see status_retry
         self.head_buf = None
         self.response_head_seen = True
         if ex.is_head:

@@ -42,8 +42,9 @@ from fastproxy._core import (  # noqa: F401 (the names' tuples: re-exported for 
     ZONE_HEADER_SIZE, metrics_slot_size)
 
 ZONE_NAME = "metrics"
-LAYOUT_VERSION = 7  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror
-# counters; 4: no static-file counters; 5: no TLS counters, no servers; 6: no check_failure
+LAYOUT_VERSION = 8  # 1: one fixed region, names append-only; 2: no compression counters; 3: no mirror
+# counters; 4: no static-file counters; 5: no TLS counters, no servers; 6: no check_failure;
+# 7: no upstream retries
 WORD = 8
 CACHE_LINE = 64
 

@@ -191,18 +191,22 @@ def render_prometheus(zone, servers: Sequence[ConfiguredServer] = ()) -> bytes:
         out.append(f'fastproxy_tls_handshake_failures_total{{reason="{reason}"}} {count}\n')
 
     family("fastproxy_upstream_requests_total", "counter", "Requests sent to an upstream.")
-    for upstream, (requests, _, _) in upstreams:
+    for upstream, (requests, _, _, _) in upstreams:
         out.append(f'fastproxy_upstream_requests_total{{upstream="{_label(upstream)}"}} {requests}\n')
     family("fastproxy_upstream_errors_total", "counter",
            "Failed upstream exchanges, by kind: connect (failed or refused), reset, timeout.")
-    for upstream, (_, errors, _) in upstreams:
+    for upstream, (_, errors, _, _) in upstreams:
         for kind, count in zip(L.UPSTREAM_ERROR_KINDS, errors):
             out.append(f'fastproxy_upstream_errors_total{{upstream="{_label(upstream)}",'
                        f'kind="{kind}"}} {count}\n')
+    family("fastproxy_upstream_retries_total", "counter",
+           "Requests sent again to another server of an upstream (retry_on, docs/retries.md).")
+    for upstream, (_, _, _, retries) in upstreams:
+        out.append(f'fastproxy_upstream_retries_total{{upstream="{_label(upstream)}"}} {retries}\n')
     family("fastproxy_mirror_requests_total", "counter",
            "Copies of requests sent to an upstream as a mirror, by result: sent (started), "
            "failed, abandoned, skipped (not sent: max_in_flight copies in progress).")
-    for upstream, (_, _, mirrored) in upstreams:
+    for upstream, (_, _, mirrored, _) in upstreams:
         for result, count in zip(L.MIRROR_RESULTS, mirrored):
             out.append(f'fastproxy_mirror_requests_total{{upstream="{_label(upstream)}",'
                        f'result="{result}"}} {count}\n')
