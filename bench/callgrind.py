@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 
 from bench.measure import tree_pids
 from bench.scenarios import BY_NAME, Scenario
-from bench.targets import HERE, Origin, free_port, render
+from bench.targets import HERE, Origin, free_port, render, server_lines
 
 START_TIMEOUT = 120.0  # python, uvloop and the extension start ~50x slower under callgrind
 STOP_TIMEOUT = 60.0
@@ -105,7 +105,8 @@ def worker_instructions(tree: Path, scenario: Scenario, origin: Origin, n: int, 
     if scenario.snippets:
         snippet = (HERE / "configs" / scenario.snippets / "fastproxy.toml").read_text()
     conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
-                           origin_port=origin.port, keepalive=16, access_log="off",
+                           servers=server_lines("fastproxy.toml", [origin.port], 16), upstream_snippet="",
+                           keepalive=16, access_log="off",
                            snippet=snippet, tls=""))  # plain scenarios only
     for old in workdir.glob("callgrind.*"):
         old.unlink()

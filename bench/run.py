@@ -126,15 +126,46 @@ class Reloader:
             self._thread.join()
 
 
+class Killer:
+    """Kills the origin's server `index` `at` seconds into a run (in a thread), and starts it
+    again when the run is over, so that the next run begins with every server up."""
+
+    def __init__(self, origin: Origin, index: int, at: float):
+        self.origin, self.index, self.at = origin, index, at
+        self.killed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if not self._stop.wait(self.at):
+            self.origin.kill(self.index)
+            self.killed = True
+
+    def __enter__(self) -> "Killer":
+        if self.at:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.at:
+            self._thread.join()
+        if self.killed:
+            self.origin.revive(self.index)
+
+
 def measure(target: Target, origin: Origin, sc: Scenario, duration: float, script: Path,
-            reload_every: float = 0.0) -> dict:
-    """One wrk run against one target, with CPU accounting over the wrk window."""
+            reload_every: float = 0.0, kill_at: float = 0.0) -> dict:
+    """One wrk run against one target, with CPU accounting over the wrk window (the origin's:
+    its first server only); `kill_at` seconds in, the last of the scenario's upstream servers
+    is killed (0: none is)."""
     roots = {"origin": origin.server.pid}
     if target.pid:
         roots["target"] = target.pid
     cpu0 = {k: tree_cpu_ticks(pid) for k, pid in roots.items()}
     other0, steal0, t0 = foreign_cpu_ticks(), steal_ticks(), time.monotonic()
-    with RssSampler(roots) as rss, Reloader(target, reload_every) as reloader:
+    with RssSampler(roots) as rss, Reloader(target, reload_every) as reloader, \
+            Killer(origin, sc.upstreams - 1, kill_at):
         try:
             w = run_wrk(f"{'https' if sc.tls else 'http'}://127.0.0.1:{target.port}{sc.path}", sc.connections, duration,
                         script, sc.headers, LOAD_CPU)
@@ -215,7 +246,8 @@ def run_scenario(sc: Scenario, targets: Dict[str, Target], origin: Origin, args,
     for rnd in range(args.rounds):
         for t in targets.values():
             for attempt in range(args.retries + 1):
-                run = measure(t, origin, sc, args.duration, script, sc.reload_every)
+                run = measure(t, origin, sc, args.duration, script, sc.reload_every,
+                              sc.kill_one_at * args.duration)
                 if not run["disturbed"] or attempt == args.retries or args.retry_budget <= 0:
                     break
                 retry_start = time.monotonic()
@@ -310,10 +342,10 @@ def main(argv=None) -> int:
             print(f"{s.name:{width}} {s.description}  [{', '.join(s.targets)}]")
         return 0
     scenarios = select(args)
-    # a target runs once per set of config snippets (and TLS or not) its scenarios need
-    wanted: Dict[Tuple[Tuple[Optional[str], bool], str], None] = {}
+    # a target runs once per set of config snippets, TLS or not and upstream servers its scenarios need
+    wanted: Dict[Tuple[Tuple[Optional[str], bool, int], str], None] = {}
     for sc in scenarios:
-        wanted.update(dict.fromkeys(((sc.snippets, sc.tls), n) for n in scenario_targets(sc, args)))
+        wanted.update(dict.fromkeys(((sc.snippets, sc.tls, sc.upstreams), n) for n in scenario_targets(sc, args)))
     preflight(list(dict.fromkeys(n for _, n in wanted)))
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -324,7 +356,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     origin = Origin(args.keep)
-    targets: Dict[Tuple[Tuple[Optional[str], bool], str], Target] = {}
+    targets: Dict[Tuple[Tuple[Optional[str], bool, int], str], Target] = {}
     for variant in dict.fromkeys(s for s, _ in wanted):
         made = make_targets([n for s, n in wanted if s == variant], origin, args.access_log == "on",
                             args.keep, args.before.resolve() if args.before else None, *variant)
@@ -333,13 +365,14 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         origin.start()
+        origin.add_servers(max(sc.upstreams for sc in scenarios))
         for t in targets.values():
             t.start()
         workdir = origin.dir.path
         # Runs with the access log on keep their own files beside the default ones.
         stem = str(datetime.date.today()) + ("-accesslog" if args.access_log == "on" else "")
         for sc in scenarios:
-            mine = {n: targets[((sc.snippets, sc.tls), n)] for n in scenario_targets(sc, args)}
+            mine = {n: targets[((sc.snippets, sc.tls, sc.upstreams), n)] for n in scenario_targets(sc, args)}
             if args.profile:
                 profile(sc, mine["fastproxy-1w"], origin, args, workdir, args.out)
                 continue

@@ -16,6 +16,8 @@ ALL_TARGETS = ("direct", "fastproxy-1w", "fastproxy-2w", "nginx-1w", "nginx-2w",
 ONE_WORKER = ("direct", "fastproxy-1w", "nginx-1w", "haproxy-1t")
 PROXIES = ("fastproxy-1w", "nginx-1w", "haproxy-1t")  # for what the origin cannot do (TLS)
 RELOADABLE = ("fastproxy-1w", "nginx-1w", "haproxy-1t")
+# balancing over several servers, where workers that share what they learn should differ
+BALANCERS = ("fastproxy-1w", "fastproxy-2w", "nginx-1w", "nginx-2w", "haproxy-1t", "haproxy-2t")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Scenario:
     # clients connect over TLS (1.3; an ECDSA P-256 certificate the run makes, the same for
     # every proxy): the proxies' listeners terminate it
     tls: bool = False
+    upstreams: int = 1  # servers each proxy balances over: the origin on that many ports
+    # with several upstreams: the last one is killed (SIGKILL) this far into each measured run
+    # (a fraction of its duration), and started again once the run is over; 0: never
+    kill_one_at: float = 0.0
 
 
 def compressed(coding: str, size: str) -> Scenario:
@@ -92,6 +98,11 @@ SCENARIOS = (
     Scenario("tls-handshake", "GET 100 B over TLS 1.3, a new connection (a full handshake) per "
              "request, 64 connections", "/100b", headers=("Connection: close",), per_connection=1,
              targets=PROXIES, tls=True),
+    # failed requests (the errors column) and req/s while one of 4 servers dies: fastproxy with
+    # shared passive health, active checks and retries, nginx with max_fails, HAProxy with check
+    Scenario("lb-failover", "GET 100 B, keep-alive, 64 connections, balanced over 4 upstream servers; "
+             "one is killed half-way through each run", "/100b", targets=BALANCERS,
+             snippets="lb-failover", upstreams=4, kill_one_at=0.5),
     Scenario("reload", "GET 100 B, keep-alive, 64 connections, target reloaded every second",
              "/100b", targets=RELOADABLE, reload_every=1.0),
 )

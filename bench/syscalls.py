@@ -27,7 +27,7 @@ from typing import List, Optional
 from bench.callgrind import send_requests, wait_ready
 from bench.measure import tree_pids
 from bench.scenarios import BY_NAME, Scenario
-from bench.targets import HERE, Origin, fill, free_port, render
+from bench.targets import HERE, Origin, fill, free_port, render, server_lines
 
 STOP_TIMEOUT = 10.0
 
@@ -76,7 +76,8 @@ def run_fastproxy(tree: Path, origin: Origin, scenario: Scenario, n: int, client
     port = free_port()
     conf = workdir / "fastproxy.toml"
     conf.write_text(render("configs/fastproxy.toml", dir=workdir, port=port, workers=1,
-                           origin_port=origin.port, keepalive=16, access_log="off",
+                           servers=server_lines("fastproxy.toml", [origin.port], 16), upstream_snippet="",
+                           keepalive=16, access_log="off",
                            snippet=snippet(scenario, "fastproxy.toml", origin), tls=""))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "fastproxy", "-c", str(conf)], cwd=workdir, env=env,
@@ -91,7 +92,8 @@ def run_nginx(origin: Origin, scenario: Scenario, n: int, clients: int, workdir:
     for d in ("client_body", "proxy_temp", "logs"):
         (workdir / d).mkdir(exist_ok=True)
     conf.write_text(render("configs/nginx.conf", dir=workdir, port=port, workers=1,
-                           origin_port=origin.port, keepalive=16, access_log="access_log off;",
+                           servers=server_lines("nginx.conf", [origin.port], 16), upstream_snippet="",
+                           keepalive=16, access_log="access_log off;",
                            snippet=snippet(scenario, "nginx.conf", origin), tls=""))
     proc = subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(conf)], cwd=workdir,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

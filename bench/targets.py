@@ -54,6 +54,16 @@ def render(template: str, **values) -> str:
     return fill((HERE / template).read_text(), **values)
 
 
+def server_lines(config: str, ports: List[int], keepalive: int) -> str:
+    """The upstream servers (the origin's ports) as config file `config` lists them."""
+    if config == "fastproxy.toml":
+        return ", ".join(f'"127.0.0.1:{port}"' for port in ports)
+    if config == "nginx.conf":  # nginx's defaults, written out (one server: ignored)
+        return "\n".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;" for port in ports)
+    return "\n".join(f"    server origin{i} 127.0.0.1:{port} pool-max-conn {keepalive}"
+                     for i, port in enumerate(ports))
+
+
 def http_get(port: int, path: str, timeout: float = 2.0, headers: Optional[Dict[str, str]] = None,
              tls: bool = False):
     """(status, headers, body) of one GET on a fresh connection (over TLS: unverified)."""
@@ -180,7 +190,9 @@ def make_certificate(directory: Path) -> Dict[str, Path]:
 
 class Origin:
     """nginx, one worker on the load CPU, serving the files the scenarios fetch; it also holds
-    the TLS scenarios' certificate (files)."""
+    the TLS scenarios' certificate (files). A scenario with several upstream servers gets more
+    of them (add_servers): each its own nginx process on its own port, serving the same files,
+    so that one can be killed and started again (kill, revive)."""
 
     FILES = {"100b": 100, "16k": 16384, "1m": 1 << 20, "64m": 64 << 20}
 
@@ -189,6 +201,42 @@ class Origin:
         self.port = free_port()
         self.server: Optional[Server] = None
         self.certificate = make_certificate(self.dir.path)
+        self.extra: List[Workdir] = []  # the other servers' directories; each has its port
+        self.extra_ports: List[int] = []
+        self.extra_servers: List[Optional[Server]] = []
+
+    @property
+    def ports(self) -> List[int]:
+        return [self.port] + self.extra_ports
+
+    def add_servers(self, count: int) -> None:
+        """Make the origin `count` servers (their files are the first one's)."""
+        while len(self.ports) < count:
+            d = Workdir(f"origin{len(self.ports)}", self.dir.keep)
+            (d.path / "client_body").mkdir()
+            (d.path / "www").symlink_to(self.dir.path / "www")
+            port = free_port()
+            (d.path / "nginx.conf").write_text(render("origin/nginx.conf", dir=d.path, port=port))
+            self.extra.append(d)
+            self.extra_ports.append(port)
+            self.extra_servers.append(None)
+            self.revive(len(self.ports) - 1)
+
+    def revive(self, index: int) -> None:
+        """Start server `index` (not the first) and wait until it serves."""
+        d = self.extra[index - 1].path
+        server = Server(f"origin{index}", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], d, LOAD_CPU)
+        self.extra_servers[index - 1] = server
+        server.wait_ready(self.ports[index], "/100b")
+
+    def kill(self, index: int) -> None:
+        """Kill server `index` (not the first) at once, as a crash would: SIGKILL to its
+        processes; its connections are reset or closed by the kernel, new ones refused."""
+        server = self.extra_servers[index - 1]
+        if server is not None:
+            Server._signal_group(server.pid, signal.SIGKILL)
+            server.stop()
+            self.extra_servers[index - 1] = None
 
     def start(self) -> None:
         d = self.dir.path
@@ -220,6 +268,11 @@ class Origin:
     def stop(self) -> None:
         if self.server:
             self.server.stop()
+        for server in self.extra_servers:
+            if server is not None:
+                server.stop()
+        for d in self.extra:
+            d.remove()
         self.dir.remove()
 
 
@@ -231,12 +284,13 @@ class Target:
     baseline: Optional[str] = None  # the nginx target this one is compared with
 
     def __init__(self, origin: Origin, access_log: bool, keep: bool, snippets: Optional[str] = None,
-                 tls: bool = False):
+                 tls: bool = False, upstreams: int = 1):
         self.origin = origin
         self.access_log = access_log
         self.keep = keep
         self.snippets = snippets
         self.tls = tls  # its listener terminates TLS
+        self.upstreams = upstreams  # servers it balances over: the origin's first ones
         self.port = origin.port
         self.server: Optional[Server] = None
         self.dir: Optional[Workdir] = None
@@ -260,12 +314,19 @@ class Target:
         pass
 
     def snippet(self, config: str) -> str:
-        """What the scenario adds to config file `config` (empty without snippets); its
-        {{www}} is the origin's directory of files (the static scenarios serve them too)."""
-        if not self.snippets:
+        """What the scenario adds to config file `config` (empty without snippets, or without
+        that file: configs/SNIPPETS/upstream.CONFIG is what it adds to the upstream's
+        definition); its {{www}} is the origin's directory of files (the static scenarios serve
+        them too)."""
+        path = HERE / "configs" / (self.snippets or "") / config
+        if not self.snippets or not path.exists():
             return ""
-        return fill((HERE / "configs" / self.snippets / config).read_text().rstrip("\n"),
-                    www=self.origin.dir.path / "www")
+        return fill(path.read_text().rstrip("\n"), www=self.origin.dir.path / "www")
+
+    def upstream_values(self, config: str) -> Dict[str, str]:
+        """The upstream's servers and the scenario's additions to it, for config file `config`."""
+        return {"servers": server_lines(config, self.origin.ports[:self.upstreams], UPSTREAM_KEEPALIVE),
+                "upstream_snippet": self.snippet("upstream." + config)}
 
     def _launch(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
         self.server = Server(self.name, argv, self.dir.path, PROXY_CPU if self.pinned else None,
@@ -317,7 +378,7 @@ class Nginx(Target):
                else "access_log off;")
         self.conf = d / "nginx.conf"
         self.conf.write_text(render("configs/nginx.conf", dir=d, port=self.port,
-                                    workers=self.workers, origin_port=self.origin.port,
+                                    workers=self.workers, **self.upstream_values("nginx.conf"),
                                     keepalive=UPSTREAM_KEEPALIVE, access_log=log,
                                     snippet=self.snippet("nginx.conf"), tls=self.tls_config("nginx.conf")))
         self._launch(["nginx", "-p", str(d), "-c", str(self.conf)])
@@ -343,8 +404,8 @@ class HAProxy(Target):
         defaults_log = "    log global\n    option httplog" if self.access_log else ""
         conf = d / "haproxy.cfg"
         conf.write_text(render("configs/haproxy.cfg", dir=d, port=self.port,
-                               threads=self.workers, origin_port=self.origin.port,
-                               keepalive=UPSTREAM_KEEPALIVE, global_log=global_log,
+                               threads=self.workers, **self.upstream_values("haproxy.cfg"),
+                               global_log=global_log,
                                defaults_log=defaults_log, snippet=self.snippet("haproxy.cfg"),
                                tls=self.tls_config("haproxy.cfg")))
         self._launch(["haproxy", "-W", "-f", str(conf)])
@@ -367,7 +428,7 @@ class FastProxy(Target):
         self.port = free_port()
         conf = d / "fastproxy.toml"
         conf.write_text(render("configs/fastproxy.toml", dir=d, port=self.port,
-                               workers=self.workers, origin_port=self.origin.port,
+                               workers=self.workers, **self.upstream_values("fastproxy.toml"),
                                keepalive=UPSTREAM_KEEPALIVE,
                                access_log=d / "access.log" if self.access_log else "off",
                                snippet=self.snippet("fastproxy.toml"), tls=self.tls_config("fastproxy.toml")))
@@ -383,10 +444,10 @@ class FastProxy(Target):
 
 def make_targets(names, origin: Origin, access_log: bool, keep: bool,
                  before: Optional[Path] = None, snippets: Optional[str] = None,
-                 tls: bool = False) -> Dict[str, Target]:
+                 tls: bool = False, upstreams: int = 1) -> Dict[str, Target]:
     """Targets by name; with `snippets`, their configs get a scenario's additions; with `tls`,
-    their listener terminates TLS."""
-    common = (origin, access_log, keep, snippets, tls)
+    their listener terminates TLS; they balance over the origin's first `upstreams` servers."""
+    common = (origin, access_log, keep, snippets, tls, upstreams)
     kinds = {"direct": lambda: Direct(*common)}
     for n in (1, 2):
         kinds[f"fastproxy-{n}w"] = lambda n=n: FastProxy(n, *common)

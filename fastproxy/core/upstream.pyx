@@ -171,9 +171,10 @@ cdef class UpstreamPool:
         self.retry_timeout = upstream.retry_timeout
         self.retry_non_idempotent = upstream.retry_non_idempotent
         self.retry_buffer = upstream.retry_buffer
-        # only these failures can follow a body going out ("error" is before the connection)
-        self.keep_body = self.tries > 1 and self.retry_buffer > 0 and bool(self.retry_on & ~RETRY_ERROR)
         n = len(upstream.servers)
+        # only these failures can follow a body going out ("error" is before the connection)
+        self.keep_body = self.tries > 1 and n > 1 and self.retry_buffer > 0 \
+            and bool(self.retry_on & ~RETRY_ERROR)
         self.all_tried = (<uint64_t>1 << n) - 1 if n < 64 else <uint64_t>0 - 1
 
     def __dealloc__(self):
