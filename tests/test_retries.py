@@ -161,16 +161,22 @@ def test_body_replayed_byte_exact_up_to_retry_buffer(proxy, origins):
     assert not sent_to(b, mark), "retried a body larger than retry_buffer"
 
 
-def test_503_retried_only_when_listed_and_the_last_answer_relayed(proxy, origins):
-    a, b, c = origins
-    for route, want in (("s503", 200), ("no503", 503)):
+def answers_after_a(proxy, a: Origin, name: str, routes) -> None:
+    """For each (route, status): GET /route/name twice (round-robin sends one of them to A
+    first): the one that went to A first gets `status`, the other 200."""
+    for route, want in routes:
         statuses = set()
-        for i in range(2):  # one of them goes to A first
+        for i in range(2):
             mark = f"{route}-{i}"
-            r = fetch(proxy.port, "GET", f"/{route}/busy?{mark}")
+            r = fetch(proxy.port, "GET", f"/{route}/{name}?{mark}")
             statuses.add(r.status)
             assert r.status == (want if sent_to(a, mark) else 200), (route, r)
-        assert want in statuses
+        assert want in statuses, route
+
+
+def test_503_retried_only_when_listed_and_the_last_answer_relayed(proxy, origins):
+    a, _, c = origins
+    answers_after_a(proxy, a, "busy", (("s503", 200), ("no503", 503)))
     # both servers answer 503: the second answer reaches the client as it was sent
     r = fetch(proxy.port, "GET", "/all503/busy?both")
     assert r.status == 503 and r.body in (b"busy a\n", b"busy c\n"), r
@@ -178,28 +184,14 @@ def test_503_retried_only_when_listed_and_the_last_answer_relayed(proxy, origins
     assert r.header("x-origin") == r.body.decode().split()[1]
 
 
-def hang_answers(proxy, origins, routes):
-    """For each (route, status): a request that went to A first (which never answers) gets
-    `status`; one that went to B first, 200."""
-    a, _, _ = origins
-    for route, want in routes:
-        statuses = set()
-        for i in range(2):  # one of them goes to A first
-            mark = f"{route}-{i}"
-            r = fetch(proxy.port, "GET", f"/{route}/hang?{mark}")
-            statuses.add(r.status)
-            assert r.status == (want if sent_to(a, mark) else 200), (route, r)
-        assert want in statuses, route
-
-
 def test_read_timeout_retried_only_with_timeout(proxy, origins):
-    hang_answers(proxy, origins, (("timeout", 200), ("error_only", 504)))
+    answers_after_a(proxy, origins[0], "hang", (("timeout", 200), ("error_only", 504)))
 
 
 def test_retry_timeout_bounds_retries(proxy, origins):
     """The first try fails after read_timeout (1 s): with retry_timeout 0.5 s no retry may
     start any more (504); the same upstream without the bound retries."""
-    hang_answers(proxy, origins, (("timeout", 200), ("bounded", 504)))
+    answers_after_a(proxy, origins[0], "hang", (("timeout", 200), ("bounded", 504)))
     assert retries(proxy, "bounded") == 0
 
 
