@@ -20,7 +20,7 @@ import pytest
 
 from harness.client import RawClient, ServerClosed, fetch
 from harness.origin import Origin, OriginConn, Request, pattern_bytes
-from harness.proxy import free_port, upstream, wait_until
+from harness.proxy import free_port, upstream
 
 NO_HEALTH = {"max_fails": 0}
 
