@@ -10,6 +10,7 @@ retry alone. Origin A misbehaves on the paths below, B and C answer them with th
     busy      A answers 503 "busy a"; C answers 503 "busy c"
     hang      A never answers (read_timeout fires)
     partial   A sends a head and part of its body, then resets
+    early     A sends a 103 (Early Hints), then resets
 """
 from __future__ import annotations
 
@@ -38,10 +39,15 @@ def partial(conn: OriginConn, req: Request) -> None:
     conn.reset()
 
 
+def early(conn: OriginConn, req: Request) -> None:
+    conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+    conn.reset()
+
+
 @pytest.fixture(scope="module")
 def origins():
     a, b, c = Origin("a").start(), Origin("b").start(), Origin("c").start()
-    a.handlers.update(flaky=a._h_reset, busy=busy, hang=hang, partial=partial)
+    a.handlers.update(flaky=a._h_reset, busy=busy, hang=hang, partial=partial, early=early)
     c.handlers["busy"] = busy
     yield a, b, c
     for o in (a, b, c):
@@ -196,11 +202,22 @@ def test_retry_timeout_bounds_retries(proxy, origins):
 
 
 def test_never_retried_once_response_bytes_reached_the_client(proxy, origins):
-    """A reset before the response is retried; a reset after part of the response went to
-    the client cuts that response, and no other server sees the request."""
+    """A reset before the response is retried; a reset after a 1xx went to the client gets
+    502 after it, and a reset after part of the response cuts that response: no other
+    server sees those requests."""
     a, b, _ = origins
     r, _ = first_try_on_a(proxy, origins, "cut", "GET")
     assert r.status == 200 and r.json()["origin"] == "b", r
+    for i in range(2):
+        mark = f"cut-early-{i}"
+        r = fetch(proxy.port, "GET", f"/cut/early?{mark}")
+        if sent_to(a, mark):
+            assert r.status == 502 and r.interim == [103], r
+            assert not sent_to(b, mark), "retried after a 103 went to the client"
+            break
+        assert r.status == 200, r
+    else:
+        raise AssertionError("no request went to A")
     for i in range(2):
         mark = f"cut-partial-{i}"
         with RawClient(proxy.port, timeout=10) as client:

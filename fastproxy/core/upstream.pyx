@@ -398,11 +398,16 @@ cdef class UpstreamConnection:
             and not ex.response_started and not self.relayed_interim and ex.can_resend(pool, sent)
 
     cdef bint retry(self, UpstreamConsumer ex, int condition, bint sent, str reason) except -1:
-        """Send `ex` again, to another server, if may_retry: counted and logged once, with
-        the reason and the server it goes to next. False: nothing done."""
-        cdef UpstreamPool pool = self.pool
+        """Send `ex` again, to another server, if may_retry. False: nothing done."""
         if not self.may_retry(ex, condition, sent):
             return False
+        self.send_again(ex, reason)
+        return True
+
+    cdef int send_again(self, UpstreamConsumer ex, str reason) except -1:
+        """The retry of `ex`, which this connection failed for `reason`: counted and logged
+        once, with the reason and the server it goes to next."""
+        cdef UpstreamPool pool = self.pool
         ex.retries += 1
         if self.server < 64:
             ex.tried |= <uint64_t>1 << self.server
@@ -412,7 +417,7 @@ cdef class UpstreamConnection:
         pool.core.log_upstream_error(ex, pool.name, self.address(), "%s; retried on %s (try %d of %d)" % (
             reason, ex.upstream.address() if ex.upstream is not None else "the next free server",
             ex.retries + 1, pool.tries))
-        return True
+        return 0
 
     cdef str address(self):
         return (<bytes>self.pool.addr_bytes[self.server]).decode()
@@ -548,15 +553,15 @@ cdef class UpstreamConnection:
         return 0
 
     cdef int status_retry(self, int status) except -1:
-        """The server answered `status` (502, 503 or 504) and retry_on lists it: its
-        response is dropped unread and the connection closed (a server in that state is not
-        worth waiting on for the body), and the request goes to another server. The last
-        try's response is relayed as it is, whatever its status."""
+        """The server answered `status` (502, 503 or 504) and on_headers_complete found the
+        request may be retried (may_retry): its response is dropped unread and the
+        connection closed (a server in that state is not worth waiting on for the body),
+        and the request goes to another server. The last try's response is relayed as it
+        is, whatever its status."""
         cdef UpstreamConsumer ex = self.exchange
         self.exchange = None
         self.close()
-        ex.upstream = None
-        self.retry(ex, RETRY_502 << (status - 502), True, "answered %d" % status)
+        self.send_again(ex, "answered %d" % status)
         return 0
 
     cdef int unsolicited(self, object data) except -1:
