@@ -243,3 +243,10 @@ def test_stale_pooled_connection_retry_is_not_a_try(proxy, stale_origin):
             assert r.status == 200, r
     assert stale_origin.connections >= 10
     assert retries(proxy, "stale") == 0
+
+
+def test_core_and_config_name_the_same_conditions():
+    """The core's RETRY_* bits are in the order of the config's retry_on values."""
+    from fastproxy._core import RETRY_CONDITIONS
+    from fastproxy.config.upstreams import RETRY_ON
+    assert RETRY_CONDITIONS == RETRY_ON
