@@ -139,10 +139,12 @@ UPSTREAMS = Section("upstreams", "[upstreams.NAME]", NAMED, OFF, (
         "ring: every worker maps a key to the same server, and removing one of N servers remaps about 1/N "
         "of the keys)."),
     Key("hash_key", HashKey(), "remote_addr", 'What `balance = "hash"` hashes: `"remote_addr"`, `"path"`, '
-        '`"uri"` (path and query), `"header:NAME"`, `"cookie:NAME"` or `"query:NAME"`.'),
+        '`"uri"` (path and query), `"header:NAME"`, `"cookie:NAME"` or `"query:NAME"` (the value as sent, '
+        "not percent-decoded); a request without it hashes as the empty key."),
     Key("queue", Table(QUEUE), {}, "`{ size = 0, timeout = \"5s\" }`: see the queue table below."),
     Key("max_fails", Integer(0), 1, "Failures within `fail_timeout`, summed over all workers, that take a "
-        "server out of service for `fail_timeout`; 0: never (no passive health)."),
+        "server out of service for `fail_timeout`; 0: never (no passive health). An upstream of one server "
+        "never takes it out (as nginx); when no server is in service, requests are tried on them anyway."),
     Key("fail_timeout", Duration(), "10s", "The window failures are counted in, and how long a server stays "
         "out after `max_fails` of them; then one request probes it before it takes traffic again."),
     Key("fail_status", ListOf(Integer(400, 599), "array of statuses", empty=True), [], "Response statuses "

@@ -19,7 +19,10 @@ cdef class UpstreamConsumer:
     cdef bint aborted            # its owner is gone: nothing more is delivered to it
     cdef bint retried            # sent again once already on a fresh connection
     cdef int retries             # sent again to another server this many times (retry_on)
-    cdef uint64_t tried          # bit i: server i of its pool was tried (for the balancer)
+    # bit i: server i of the upstream was tried for it, so the next choice prefers another
+    # (the retries fill it; servers from the 64th on are never excluded)
+    cdef uint64_t tried
+    cdef double queued_at        # waiting in its pool's queue since (0: not waiting)
 
     # -- the response, as the connection reads it ---------------------------------------------
 
@@ -49,6 +52,17 @@ cdef class UpstreamConsumer:
         """The response is whole; `upstream` is already None (the connection is pooled or
         closed)."""
         raise NotImplementedError
+
+    cdef int upstream_unavailable(self, str reason) except -1:
+        """No server can take it now (every one at max_conns, and no room or time left in the
+        queue): 503, `reason` saying why."""
+        return self.upstream_failed(503)
+
+    cdef uint64_t balance_key(self, int kind, bytes name) noexcept:
+        """The hash of what `balance = "hash"` (or "ip_hash") keys on (KEY_*; `name`: the
+        header, cookie or query parameter); 0 for a missing key (as the empty one). A request
+        without a client (a subrequest) has no key."""
+        return 0
 
     cdef bint can_retry(self) noexcept:
         """The request may be sent again on a fresh connection when a pooled one turned out

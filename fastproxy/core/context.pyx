@@ -251,6 +251,8 @@ cdef class WorkerCore:
         for pool in self.pools_by_name.values():
             pool.expire_busy(now)
             pool.expire_idle(now, now - self.tick_interval)
+            if pool.waiting:
+                pool.expire_queue(now)
         self.return_memory(now)
         if self.access_log is not None and now >= self.next_log_flush:
             self.access_log.tick()

@@ -80,6 +80,8 @@ cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"
 cdef frozenset NON_IDEMPOTENT = frozenset([b"POST", b"PATCH", b"LOCK"])
 # Allow for TRACE on a route open to every method (TRACE needs a route that names it)
 cdef bytes ALLOW_WITHOUT_TRACE = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# a 503 for want of a free server (UpstreamPool.queue): come back in a second
+cdef tuple RETRY_AFTER_HEADERS = ((b"Content-Type", b"application/json"), (b"Retry-After", b"1"))
 
 
 class _StopRequest(Exception):
@@ -700,6 +702,36 @@ cdef class Exchange(UpstreamConsumer):
         self.respond_local()
         self.client.flush()
         return 0
+
+    cdef int upstream_unavailable(self, str reason) except -1:
+        """503 with Retry-After, a local answer whose JSON body says why."""
+        self.local_headers = RETRY_AFTER_HEADERS
+        self.local_body = b'{"status":503,"error":"%s","request_id":"%s"}\n' % (
+            reason.encode(), self.request_id)
+        self.upstream_failed(503)
+        return 0
+
+    cdef uint64_t balance_key(self, int kind, bytes name) noexcept:
+        cdef bytes url
+        cdef Py_ssize_t q
+        if kind == KEY_NETWORK:
+            return network_hash(self.client.addr)
+        if kind == KEY_REMOTE_ADDR:
+            return bytes_hash(self.client.addr)
+        if kind == KEY_PATH:
+            return bytes_hash(self.path)
+        if kind == KEY_URI:
+            return bytes_hash(self.url)
+        if kind == KEY_QUERY:
+            url = self.url
+            q = find_byte(url, b'?', 0) if url is not None else -1
+            return pair_hash(url, q + 1, name, False) if q >= 0 else 0
+        try:  # request_header allocates only what it finds
+            if kind == KEY_HEADER:
+                return bytes_hash(self.request_header(name))
+            return pair_hash(self.request_header(b"cookie"), 0, name, True)
+        except MemoryError:
+            return 0
 
     # -- the rest of what the upstream connection calls (UpstreamConsumer) ----------------
 

@@ -151,8 +151,9 @@ ctypedef struct ServerState:
     # own (fetch_add) and mirrors them in its slot's ServerCounters.active, which the
     # master subtracts from here when it reaps that worker
     # passive health, written by workers with compare-and-swap
-    uint64_t fails  # failures counted since window_start_us
-    uint64_t window_start_us
+    uint64_t fails  # the current window's failures in the low 16 bits, its start (monotonic
+    # ms) above: one word, so a new window and its first failure are one swap (core/balance.pyx)
+    uint64_t window_start_us  # that start in µs, for readers (written after the swap)
     uint64_t down_until_us  # out of service until then; 0: in service
     uint64_t probe_until_us  # once down_until_us passed: a worker sends one probe request until then
     uint64_t up_since_us  # when it last came back into service (slow_start runs from it)

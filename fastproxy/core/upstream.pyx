@@ -1,6 +1,8 @@
 # Upstream side: a pool of kept-alive connections per upstream (per worker) and the
 # protocol that parses an upstream's response and relays it to the client.
 
+from collections import deque
+
 cdef enum:
     UP_CONNECTING = 1
     UP_BUSY = 2
@@ -80,7 +82,8 @@ def idle_since(UpstreamConnection conn):
 
 
 cdef inline void list_busy(UpstreamPool pool, UpstreamConnection conn) noexcept:
-    """Into the pool's busy list (inline: no call per request)."""
+    """Into the pool's busy list (inline: no call per request). Its server has counted the
+    connection as in use (Balancer.pick); unlist_busy gives it back."""
     if conn.listed:
         return
     conn.listed = True
@@ -101,6 +104,16 @@ cdef inline void unlist_busy(UpstreamPool pool, UpstreamConnection conn) noexcep
     if conn.busy_next is not None:
         conn.busy_next.busy_prev = conn.busy_prev
     conn.busy_prev = conn.busy_next = None
+    pool.core.metrics.server_put(pool.server_ids[conn.server])
+    if pool.waiting is not None and not pool.wake_scheduled and len(pool.waiting):
+        pool.wake_scheduled = True  # a connection of this upstream is free: after this callback
+        pool.core.loop.call_soon(pool.wake)
+
+
+cdef inline bint no_longer_waits(UpstreamConsumer ex) noexcept:
+    """A request in the queue whose owner is gone (a client that left) or that was answered
+    meanwhile (413 or 408 as its body was read): it must not get a connection."""
+    return ex.aborted or ex.response_started
 
 
 @cython.final
@@ -118,8 +131,13 @@ cdef class UpstreamPool:
     # and send as SNI); empty dicts for a plain upstream
     cdef tuple connect_options
     cdef list idle          # per server: list of idle UpstreamConnection (LIFO)
-    cdef int next_server
-    cdef bint checked       # the upstream has active health checks (see acquire)
+    cdef Balancer balancer  # which server a request goes to; passive health
+    # requests waiting while every server is at max_conns (None without a queue): FIFO, each
+    # one's UpstreamConsumer.queued_at says since when
+    cdef object waiting
+    cdef int queue_size
+    cdef double queue_timeout
+    cdef bint wake_scheduled
     cdef int keepalive
     cdef int idle_count
     # the connections serving a request (connecting, busy or a tunnel), whoever asked: the
@@ -158,8 +176,11 @@ cdef class UpstreamPool:
                                              "ssl_handshake_timeout": upstream.connect_timeout + 1}
             for s in upstream.servers)
         self.idle = [[] for _ in upstream.servers]
-        self.next_server = 0
-        self.checked = upstream.health is not None
+        self.balancer = Balancer(core, upstream, server_ids)
+        self.queue_size = upstream.queue.size
+        self.queue_timeout = upstream.queue.timeout
+        if self.queue_size:
+            self.waiting = deque()
         self.keepalive = upstream.keepalive
         self.idle_count = 0
         self.keepalive_timeout = upstream.keepalive_timeout
@@ -181,32 +202,132 @@ cdef class UpstreamPool:
         PyMem_Free(self.server_ids)
 
     cdef int acquire(self, UpstreamConsumer ex, bint fresh) except -1:
-        """Attach a connection to `ex`: an idle one to the next server in round-robin
-        order if there is one, else a new connection."""
-        cdef int n = len(self.hosts)
-        cdef int server = self.next_server
-        cdef int k
-        cdef list idle
+        """Attach a connection to `ex`: the balancer's choice of server, an idle connection
+        to it if there is one (unless `fresh`), else a new connection; or, when every server
+        is at max_conns, the queue."""
+        cdef int server = self.balancer.pick(ex)
+        if server < 0:
+            self.queue(ex)
+        elif fresh:
+            self.connect(ex, server)
+        else:
+            self.attach_taken(ex, server)
+        return 0
+
+    # -- the queue (max_conns) ----------------------------------------------------------------
+
+    cdef int queue(self, UpstreamConsumer ex) except -1:
+        """Every server that could take `ex` is at max_conns: it waits its turn, or, without
+        room in the queue, gets 503."""
+        if self.waiting is None:
+            ex.upstream_unavailable("every server is at max_conns and the upstream has no queue")
+            return 0
+        if len(self.waiting) >= self.queue_size:
+            self.drop_left()
+        if len(self.waiting) >= self.queue_size:
+            ex.upstream_unavailable("every server is at max_conns and the queue is full")
+            return 0
+        ex.queued_at = self.core.now
+        self.waiting.append(ex)
+        return 0
+
+    cdef int drop_left(self) except -1:
+        """Forget the waiting requests that no longer wait (no_longer_waits)."""
+        cdef UpstreamConsumer ex
+        for ex in [ex for ex in self.waiting if no_longer_waits(ex)]:
+            self.waiting.remove(ex)
+            ex.queued_at = 0
+        return 0
+
+    def wake(self):
+        """A connection of this upstream was freed (here, or in another worker: the sweep
+        calls this too): the waiting requests, oldest first, take what is free now."""
+        cdef UpstreamConsumer ex
+        cdef int server
+        self.wake_scheduled = False
+        self.core.now = monotonic()
+        while self.waiting:
+            ex = <UpstreamConsumer>self.waiting[0]
+            if no_longer_waits(ex):
+                self.waiting.popleft()
+                ex.queued_at = 0
+                continue
+            server = self.balancer.pick(ex)
+            if server < 0:
+                return
+            self.waiting.popleft()
+            ex.queued_at = 0
+            try:
+                self.attach_taken(ex, server)
+            except Exception as exc:
+                ex.internal_error(exc)
+
+    cdef inline int attach_taken(self, UpstreamConsumer ex, int server) except -1:
+        """`server` is taken for `ex` (Balancer.pick): an idle connection to it, else a new one."""
+        cdef list idle = <list>self.idle[server]
         cdef UpstreamConnection conn
-        if self.checked:
-            # the health checker's verdict, shared by every worker: a server it found down
-            # is skipped while another is not (interim: the balance code owns selection)
-            for k in range(n):
-                if fp_load_relaxed(&self.core.metrics.states[self.server_ids[(server + k) % n]].check_state) \
-                        != CHECK_DOWN:
-                    server = (server + k) % n
-                    break
-        self.next_server = (server + 1) % n
-        if not fresh:
-            idle = <list>self.idle[server]
-            while idle:
-                conn = <UpstreamConnection>idle.pop()
-                self.idle_count -= 1
-                if conn.state == UP_IDLE:
-                    conn.attach(ex)
-                    ex.upstream_ready(conn)
-                    return 0
+        while idle:
+            conn = <UpstreamConnection>idle.pop()
+            self.idle_count -= 1
+            if conn.state == UP_IDLE:
+                conn.attach(ex)
+                ex.upstream_ready(conn)
+                return 0
         self.connect(ex, server)
+        return 0
+
+    cdef int expire_queue(self, double now) except -1:
+        """The sweep: 503 for the requests that waited queue.timeout, then a wake for the
+        connections other workers freed."""
+        cdef UpstreamConsumer ex
+        while self.waiting:
+            ex = <UpstreamConsumer>self.waiting[0]
+            if not no_longer_waits(ex) and now - ex.queued_at < self.queue_timeout:
+                break
+            self.waiting.popleft()
+            ex.queued_at = 0
+            if not no_longer_waits(ex):
+                try:
+                    ex.upstream_unavailable("every server was at max_conns for queue.timeout (%gs)"
+                                            % self.queue_timeout)
+                except Exception as exc:
+                    ex.internal_error(exc)
+        if self.waiting:
+            self.wake()
+        return 0
+
+    # -- passive health: the connection's outcomes (one line at each call site) --------------
+
+    cdef int note_failure(self, int server, int kind) except -1:
+        """Server `server` (a position) failed a request (UPSTREAM_* kind): counted in its
+        metrics and its passive health."""
+        return self.balancer.failure(server, kind)
+
+    cdef int note_success(self, int server) except -1:
+        """Server `server` gave a complete response."""
+        return self.balancer.success(server)
+
+    cdef inline int response_done(self, int server, int status, double seconds) except -1:
+        """A complete response of `status` from `server`, `seconds` after its exchange was
+        attached: its response time, and a success, or a failure for a fail_status status."""
+        self.core.metrics.server_response_time(self.server_ids[server], seconds)
+        return self.note_status(server, status)
+
+    cdef inline int note_status(self, int server, int status) except -1:
+        """A response of `status` from `server` (whole, or dropped for a retry): a failure
+        if fail_status lists it, else a success."""
+        if self.balancer.failed_status(status):
+            return self.balancer.failure(server, UPSTREAM_STATUS)
+        return self.balancer.success(server)
+
+    cdef int log_failure(self, UpstreamConsumer ex, int server, str reason) except -1:
+        """The error line of a failure; rate-limited for a server out of service."""
+        cdef int left_out = self.balancer.failure_lines(server, self.core.now)
+        if left_out < 0:
+            return 0
+        if left_out:
+            reason += "; %d more failures of this server while out of service were not logged" % left_out
+        self.core.log_upstream_error(ex, self.name, (<bytes>self.addr_bytes[server]).decode(), reason)
         return 0
 
     cdef int connect(self, UpstreamConsumer ex, int server) except -1:
@@ -263,9 +384,11 @@ cdef class UpstreamPool:
         sweep): a surplus still in use under load is kept."""
         cdef list idle
         cdef UpstreamConnection conn
-        for idle in self.idle:
+        cdef int server
+        for server, idle in enumerate(self.idle):
             for conn in list(idle):
-                if conn.deadline <= now or self.core.draining:
+                # a server the newest config dropped gets no new request: its idle ones go
+                if conn.deadline <= now or self.core.draining or self.balancer.removed(server):
                     conn.close()
         while self.idle_count > self.keepalive:
             conn = min([<UpstreamConnection>idle[0] for idle in self.idle if idle],
@@ -311,6 +434,8 @@ cdef class UpstreamConnection:
     cdef bint listed             # in its pool's busy list, between these two
     cdef UpstreamConnection busy_prev, busy_next
     cdef int requests            # exchanges completed on this connection
+    cdef double started          # when the current exchange was attached (response time)
+    cdef int resp_status         # the current final response's status
     cdef bint got_bytes          # any response byte for the current exchange
     cdef bint informational      # parsing a 1xx response
     cdef bint relayed_interim    # a 1xx of the current exchange went to its client: no retry
@@ -372,6 +497,7 @@ cdef class UpstreamConnection:
         """Count a failure of this connection; retry `ex` on another server if the policy
         says so, else log it and tell `ex`: 502/504 while no response byte was relayed, else
         that its response is cut off."""
+        self.pool.note_failure(self.server, kind)
         self.pool.core.metrics.upstream_error(self.pool.metric_id, kind)
         if ex is None or ex.aborted:
             return 0
@@ -380,7 +506,7 @@ cdef class UpstreamConnection:
                       RETRY_TIMEOUT if kind == UPSTREAM_TIMEOUT else RETRY_RESET,
                       self.transport is not None, reason):  # connected: it may have been sent
             return 0
-        self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
+        self.pool.log_failure(ex, self.server, reason)
         if ex.response_started:
             ex.response_cut()
         else:
@@ -414,7 +540,7 @@ cdef class UpstreamConnection:
         pool.core.metrics.upstream_retry(pool.metric_id)
         ex.upstream = None
         pool.acquire(ex, True)
-        pool.core.log_upstream_error(ex, pool.name, self.address(), "%s; retried on %s (try %d of %d)" % (
+        pool.log_failure(ex, self.server, "%s; retried on %s (try %d of %d)" % (
             reason, ex.upstream.address() if ex.upstream is not None else "the next free server",
             ex.retries + 1, pool.tries))
         return 0
@@ -425,6 +551,8 @@ cdef class UpstreamConnection:
     cdef int attach(self, UpstreamConsumer ex) except -1:
         self.exchange = ex
         list_busy(self.pool, self)
+        self.pool.core.metrics.server_request(self.pool.server_ids[self.server])
+        self.started = self.pool.core.now
         ex.upstream = self
         ex.upstream_addr = <bytes>self.pool.addr_bytes[self.server]
         self.got_bytes = False
@@ -561,6 +689,7 @@ cdef class UpstreamConnection:
         cdef UpstreamConsumer ex = self.exchange
         self.exchange = None
         self.close()
+        self.pool.note_status(self.server, status)
         self.send_again(ex, "answered %d" % status)
         return 0
 
@@ -568,6 +697,7 @@ cdef class UpstreamConnection:
         """Bytes while no request is outstanding: the connection cannot be trusted."""
         if self.state == UP_IDLE:
             self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+            self.pool.core.metrics.server_failure(self.pool.server_ids[self.server], UPSTREAM_RESET)
             self.pool.core.log_upstream_error(None, self.pool.name, self.address(),
                                               "sent %d bytes while idle; connection closed" % len(data))
         self.close()
@@ -680,6 +810,7 @@ cdef class UpstreamConnection:
             # now, a length or not, so bytes after it fail on_message_begin
             skip_body(self.parser)
         self.resp_keep_alive = self.keep_alive()
+        self.resp_status = status
         self.switching = status == 101
         ex.response_head(self, status, raw, first, end)
 
@@ -814,6 +945,7 @@ cdef class UpstreamConnection:
             and not self.write_blocked
         self.requests += 1
         self.stop_waiting()
+        self.pool.response_done(self.server, self.resp_status, self.pool.core.now - self.started)
         if reusable:
             self.pool.release(self)
         else:
@@ -833,6 +965,7 @@ cdef class UpstreamConnection:
             self.fail_exchange(ex, UPSTREAM_RESET, reason)
             return 0
         self.pool.core.metrics.upstream_error(self.pool.metric_id, UPSTREAM_RESET)
+        self.pool.core.metrics.server_failure(self.pool.server_ids[self.server], UPSTREAM_RESET)
         self.pool.core.log_upstream_error(ex, self.pool.name, self.address(), reason)
         ex.upstream = None
         ex.response_complete()
