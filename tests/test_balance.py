@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.client import RawClient, fetch
+from harness.load import Load
 from harness.proxy import upstream, wait_until
 
 TESTS = Path(__file__).resolve().parent
@@ -403,3 +404,48 @@ def test_servers_out_of_service_are_still_tried_with_their_lines_rate_limited(ma
     assert 2 <= len(lines) <= 8, lines  # 62 attempts
     log = p.error_log.read_text()
     assert all(log.count(f"server {address}: out of service") == 1 for address in dead), log
+
+
+def test_a_server_killed_under_load_fails_no_idempotent_request(make_proxy, make_origin):
+    """Issue 10's failover: three servers under 16 kept-alive and 2 new-connection clients
+    through 2 workers; one is SIGKILLed. No request fails at the client (what was in flight on
+    it is retried elsewhere, then every worker stops choosing it), and once restarted the
+    health checker brings it back within interval x healthy_threshold (+ one interval)."""
+    a, b = make_origin("a"), make_origin("b")
+    child = subprocess.Popen([sys.executable, "-c", ORIGIN_PROCESS, str(TESTS)], stdout=subprocess.PIPE)
+    try:
+        port = int(child.stdout.readline())
+        p = make_proxy(proxy_config(upstream(
+            a, b, f"127.0.0.1:{port}", max_fails=1, fail_timeout="2s", retry_on=["error", "timeout", "reset"],
+            health={"path": "/echo", "interval": "0.2s", "timeout": "1s", "healthy_threshold": 2,
+                    "unhealthy_threshold": 1})))
+        seen = Counter()
+        seen_lock = threading.Lock()
+
+        def exchange(c):
+            r = c.request("GET", "/echo")
+            with seen_lock:
+                seen[r.header("x-origin")] += 1
+            return r, r.status == 200
+
+        load = Load()
+        load.start(*[(load.keepalive, lambda: RawClient(p.port, timeout=20), exchange) for _ in range(16)],
+                   *[(load.fresh, lambda: fetch(p.port, "GET", "/echo")) for _ in range(2)])
+        try:
+            wait_until(lambda: seen["c"] >= 20, 20, message="the third server serving")
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            killed_at = sum(seen.values())
+            wait_until(lambda: sum(seen.values()) > killed_at + 2000, 60, message="load after the kill")
+            before_restart = seen["c"]
+            make_origin("c", port=port)
+            # back within interval x healthy_threshold + one interval (0.6 s), plus fail_timeout
+            # if the passive side still holds it out: bounded generously for a loaded machine
+            wait_until(lambda: seen["c"] > before_restart + 20, 20, message="the restarted server chosen again")
+        finally:
+            load.finish()
+        assert load.failures == [], load.failures[:5]
+        assert load.counts["ok"] > 2000, load.counts
+    finally:
+        child.kill()
+        child.wait()
