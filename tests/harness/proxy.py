@@ -26,10 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 15.0
 
 
+_handed_out = set()  # ports free_port gave in this test process
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing is bound to now, never one this process was given before: the
+    kernel may hand a just-closed port out again, so a config that takes two ports (a
+    listener and the admin) before the proxy binds either could otherwise get one twice."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 # -- TOML writing (only what our configs use) -----------------------------------------
