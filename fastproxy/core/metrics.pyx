@@ -396,31 +396,34 @@ cdef class MetricsSlots:
         """Move route `index`'s counts in slots [0, slots) to route `into_index` of slot
         `into_slot`. Only the master calls it, inside a seqlock write of the zone, for an
         index no live worker writes."""
-        cdef int slot
-        self._check_fold(slots, index, into_slot, into_index, self.max_routes)
-        for slot in range(slots):
-            _move_words(<uint64_t *>(self.route_counters(into_slot) + into_index),
-                        <uint64_t *>(self.route_counters(slot) + index),
-                        sizeof(RouteCounters) // sizeof(uint64_t))
-
-    def fold_server(self, int slots, int index, int into_slot, int into_index):
-        """fold_route for a server index; its shared state starts afresh for the next name."""
-        cdef int slot
-        self._check_fold(slots, index, into_slot, into_index, self.max_servers)
-        for slot in range(slots):
-            _move_words(<uint64_t *>(self.server_counters(into_slot) + into_index),
-                        <uint64_t *>(self.server_counters(slot) + index),
-                        sizeof(ServerCounters) // sizeof(uint64_t))
-        memset(self.states + index, 0, sizeof(ServerState))
+        self._fold(slots, index, into_slot, into_index, self.max_routes,
+                   <char *>self.route_counters(0) - <char *>self.global_counters(0), sizeof(RouteCounters))
 
     def fold_upstream(self, int slots, int index, int into_slot, int into_index):
         """fold_route for an upstream index."""
+        self._fold(slots, index, into_slot, into_index, self.max_upstreams,
+                   <char *>self.upstream_counters(0) - <char *>self.global_counters(0),
+                   sizeof(UpstreamCounters))
+
+    def fold_server(self, int slots, int index, int into_slot, int into_index):
+        """fold_route for a server index; its shared state starts afresh for the next name."""
+        self._fold(slots, index, into_slot, into_index, self.max_servers,
+                   <char *>self.server_counters(0) - <char *>self.global_counters(0), sizeof(ServerCounters))
+        memset(self.states + index, 0, sizeof(ServerState))
+
+    cdef int _fold(self, int slots, int index, int into_slot, int into_index, int capacity,
+                   Py_ssize_t section, Py_ssize_t record_size) except -1:
+        """Move record `index` to `into_index` of `into_slot`, over slots [0, slots), for the
+        records of `record_size` bytes starting `section` bytes into every slot."""
         cdef int slot
-        self._check_fold(slots, index, into_slot, into_index, self.max_upstreams)
+        cdef char *into
+        self._check_fold(slots, index, into_slot, into_index, capacity)
+        into = <char *>self.global_counters(into_slot) + section + into_index * record_size
         for slot in range(slots):
-            _move_words(<uint64_t *>(self.upstream_counters(into_slot) + into_index),
-                        <uint64_t *>(self.upstream_counters(slot) + index),
-                        sizeof(UpstreamCounters) // sizeof(uint64_t))
+            _move_words(<uint64_t *>into,
+                        <uint64_t *>(<char *>self.global_counters(slot) + section + index * record_size),
+                        record_size // sizeof(uint64_t))
+        return 0
 
     cdef int _check_fold(self, int slots, int index, int into_slot, int into_index,
                          int capacity) except -1:
