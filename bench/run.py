@@ -95,16 +95,38 @@ def scenario_targets(sc: Scenario, args) -> List[str]:
     return names
 
 
-class Reloader:
+class DuringRun:
+    """Something done in a thread while a run lasts (a `with` block), if `active`; `_run`
+    waits on `_stop` so that the run's end interrupts it."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        if self.active:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.active:
+            self._thread.join()
+
+
+class Reloader(DuringRun):
     """Reloads a target every `every` seconds in a thread while a run lasts."""
 
     def __init__(self, target: Target, every: float):
+        super().__init__(bool(every))
         self.target, self.every = target, every
         self.count, self.failures = 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
         # A fixed schedule, so a slow reload command does not mean fewer reloads.
         due = time.monotonic() + self.every
         while not self._stop.wait(max(0.0, due - time.monotonic())):
@@ -115,41 +137,23 @@ class Reloader:
             except (OSError, subprocess.SubprocessError):
                 self.failures += 1
 
-    def __enter__(self) -> "Reloader":
-        if self.every:
-            self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self.every:
-            self._thread.join()
-
-
-class Killer:
+class Killer(DuringRun):
     """Kills the origin's server `index` `at` seconds into a run (in a thread), and starts it
     again when the run is over, so that the next run begins with every server up."""
 
     def __init__(self, origin: Origin, index: int, at: float):
+        super().__init__(bool(at))
         self.origin, self.index, self.at = origin, index, at
         self.killed = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         if not self._stop.wait(self.at):
             self.origin.kill(self.index)
             self.killed = True
 
-    def __enter__(self) -> "Killer":
-        if self.at:
-            self._thread.start()
-        return self
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self.at:
-            self._thread.join()
+        super().__exit__(*exc)
         if self.killed:
             self.origin.revive(self.index)
 
