@@ -93,3 +93,11 @@ def module_origin():
     """An echoing origin shared by every test of a module."""
     with Origin("module-origin") as o:
         yield o
+
+
+@pytest.fixture(scope="module")
+def stale_origin():
+    """Closes every upstream connection right after answering, without announcing it (a
+    pooled connection to it turns out closed on reuse)."""
+    with Origin("stale", close_after_response=True) as o:
+        yield o

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness.client import RawClient, ServerClosed, build_request, chunked, fetch
-from harness.origin import Blackhole, Origin
+from harness.origin import Blackhole
 from harness.proxy import free_port, upstream
 
 # Route "/small/" overrides the limits of [main].
@@ -24,13 +24,6 @@ def blackhole():
     b = Blackhole()
     yield b
     b.close()
-
-
-@pytest.fixture(scope="module")
-def stale_origin():
-    """Closes every upstream connection right after answering, without announcing it."""
-    with Origin("stale", close_after_response=True) as o:
-        yield o
 
 
 @pytest.fixture(scope="module")

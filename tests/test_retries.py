@@ -55,12 +55,6 @@ def origins():
 
 
 @pytest.fixture(scope="module")
-def stale_origin():
-    with Origin("stale", close_after_response=True) as o:
-        yield o
-
-
-@pytest.fixture(scope="module")
 def dead():
     return f"127.0.0.1:{free_port()}"  # nothing listens: connections are refused
 
