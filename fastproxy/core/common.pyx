@@ -588,9 +588,11 @@ ERROR_NAMES = {
 }
 
 
-cdef bytes error_body(int status, bytes request_id):
+cdef bytes error_body(int status, bytes request_id, str error=None):
+    """The JSON body of a local error answer; `error` (plain text, no quote) replaces the
+    status's name when the answer says more precisely why."""
     return b'{"status":%d,"error":"%s","request_id":"%s"}\n' % (
-        status, ERROR_NAMES.get(status, "error").encode(), request_id)
+        status, (error or ERROR_NAMES.get(status, "error")).encode(), request_id)
 
 
 def http_date():

@@ -706,8 +706,7 @@ cdef class Exchange(UpstreamConsumer):
     cdef int upstream_unavailable(self, str reason) except -1:
         """503 with Retry-After, a local answer whose JSON body says why."""
         self.local_headers = RETRY_AFTER_HEADERS
-        self.local_body = b'{"status":503,"error":"%s","request_id":"%s"}\n' % (
-            reason.encode(), self.request_id)
+        self.local_body = error_body(503, self.request_id, reason)
         self.upstream_failed(503)
         return 0
 
