@@ -21,7 +21,7 @@ import pytest
 
 from harness.client import RawClient, fetch
 from harness.load import Load
-from harness.proxy import upstream, wait_until
+from harness.proxy import free_port, upstream, wait_until
 
 TESTS = Path(__file__).resolve().parent
 
@@ -449,3 +449,40 @@ def test_a_server_killed_under_load_fails_no_idempotent_request(make_proxy, make
     finally:
         child.kill()
         child.wait()
+
+
+def metric_value(metrics: str, line_start: str) -> float:
+    """The value of the one /metrics sample whose line starts with `line_start`."""
+    (value,) = [line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(line_start)]
+    return float(value)
+
+
+def test_per_server_counts_sum_over_workers(make_proxy, make_origin):
+    """Issue 10's per-server series count what happened, summed over both workers: requests
+    and response times per server, a dead server's connect failures, and no connection left
+    counted in use once the requests are over."""
+    a, b = make_origin("a"), make_origin("b")
+    dead = f"127.0.0.1:{free_port()}"  # refuses connections
+    p = make_proxy(proxy_config(upstream(a, b, dead, max_fails=0, retry_on=["error"], tries=3)))
+    clients = clients_on_each_worker(p.port)
+    for _ in range(30):
+        for c in clients:
+            assert c.request("GET", "/echo").status == 200
+    for c in clients:
+        c.close()
+    seen = {o.address: len(o.find_requests(lambda r: True)) for o in (a, b)}
+    metrics = p.metrics()
+    counted = {}
+    for server in (a.address, b.address, dead):
+        labels = f'upstream="up",server="{server}"'
+        counted[server] = metric_value(metrics, f"fastproxy_upstream_server_requests_total{{{labels}}} ")
+        assert metric_value(metrics, f"fastproxy_upstream_server_active{{{labels}}} ") == 0
+    for server in (a.address, b.address):
+        labels = f'upstream="up",server="{server}"'
+        assert counted[server] == seen[server] > 0, (counted, seen)
+        assert metric_value(metrics, f"fastproxy_upstream_server_response_seconds_count{{{labels}}} ") \
+            == seen[server]
+    failures = metric_value(metrics, f'fastproxy_upstream_server_failures_total{{upstream="up",'
+                                     f'server="{dead}",kind="connect"}} ')
+    assert failures == counted[dead] > 0, (failures, counted)  # every try of it failed, and was retried
+    assert sum(seen.values()) >= 60  # clients_on_each_worker's own requests besides ours
