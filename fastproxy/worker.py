@@ -9,6 +9,7 @@ import ctypes
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -42,6 +43,20 @@ def _tune_malloc() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
 
 
+def limit_descriptors(limit) -> None:
+    """[main] worker_rlimit_nofile: the soft limit, and the hard one when it must rise (which
+    takes root); without root a worker keeps the hard limit and says so."""
+    if limit is None:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.warning("worker_rlimit_nofile %d is above this process's hard limit %d: using %d",
+                    limit, hard, hard)
+
+
 def exit_with_master(master_pid: int) -> None:
     """Ask the kernel for SIGQUIT when the master dies, so no worker outlives it holding
     the port (nor the health checker it); a master that died before this call is caught by
@@ -67,17 +82,20 @@ class Worker:
         setproctitle(worker_title(ctx.slot, ctx.generation))
         exit_with_master(ctx.master_pid)
         _tune_malloc()
+        limit_descriptors(runtime.main.worker_rlimit_nofile)
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.core = _core.WorkerCore(
             self.loop, runtime, ctx.route_ids, ctx.upstream_ids, ctx.server_ids,
             ctx.metrics.writer(ctx.counter_slot), ctx.zones, self.loop.stop, log)
         for listener, sock, factory in zip(runtime.listeners, ctx.listen_sockets, self.core.factories):
+            if listener.tls is None:
+                self.servers.append(self.core.accept_on(sock, factory, listener.backlog))
+                continue
             # a TLS handshake is bounded like the request head that follows it
-            tls = {} if listener.tls is None else {
-                "ssl": listener.tls.front, "ssl_handshake_timeout": runtime.main.client_header_timeout}
-            self.servers.append(self.loop.run_until_complete(
-                self.loop.create_server(factory, sock=sock, backlog=listener.backlog, **tls)))
+            self.servers.append(self.loop.run_until_complete(self.loop.create_server(
+                factory, sock=sock, backlog=listener.backlog, ssl=listener.tls.front,
+                ssl_handshake_timeout=runtime.main.client_header_timeout)))
         if ctx.admin_socket is not None:
             self.admin = self.loop.run_until_complete(
                 start_admin(self.loop, ctx.admin_socket, ctx.metrics,

@@ -1,4 +1,5 @@
-"""The life of a client connection: deferred accept, and connection objects reused by a worker.
+"""The life of a client connection: accepting (in bursts, and when a worker runs out of
+descriptors), deferred accept, and connection objects reused by a worker.
 
 A worker keeps the objects of connections that ended between requests and serves its next
 connections with them (ClientConnection.forget); nothing of a previous connection may show in
@@ -7,8 +8,11 @@ something, and a client that stays silent is still closed by the usual rules.
 """
 from __future__ import annotations
 
+import os
+import time
+
 from harness.client import RawClient, build_request, fetch
-from harness.proxy import respond, upstream
+from harness.proxy import respond, upstream, wait_until
 
 
 def config(origin, **listen):
@@ -70,3 +74,73 @@ def test_reused_connection_objects_carry_nothing_over(make_proxy, origin):
             c.send(b"\r\n" + build_request("GET", f"/api/echo?after={i}"))
             r = c.read_response()
             assert r.status == 200 and r.json()["target"] == f"/api/echo?after={i}", r
+
+
+def test_a_burst_of_connections_is_accepted_and_served_in_full(make_proxy, origin):
+    """300 clients connect to one worker before any is accepted (the kernel completes the
+    handshakes and queues them), then all send: the worker takes them in batches and
+    answers each, with its own address, its own request, and a close when asked."""
+    p = make_proxy(config(origin))
+    sources = [f"127.0.0.{2 + i % 50}" for i in range(300)]
+    clients = [RawClient(p.port, source=src) for src in sources]
+    try:
+        for i, c in enumerate(clients):
+            target = "/hello" if i % 3 else f"/api/echo?i={i}"
+            c.send(build_request("GET", target, [("Connection", "close")] if i % 2 else None))
+        for i, (c, src) in enumerate(zip(clients, sources)):
+            r = c.read_response()
+            if i % 3:
+                assert r.status == 200 and r.body == b"hello\n", (i, r)
+            else:
+                assert r.json()["target"] == f"/api/echo?i={i}" and forwarded_for(r) == src, (i, r)
+            if i % 2:
+                assert c.is_closed(10), i
+    finally:
+        for c in clients:
+            c.close()
+    assert fetch(p.port, "GET", "/hello").body == b"hello\n"
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_worker_out_of_descriptors_rests_its_listener_and_loses_no_connection(make_proxy, origin):
+    """With worker_rlimit_nofile a little above what a worker holds idle, clients beyond it
+    wait in the kernel's queue: the worker says once per rest that it cannot accept, keeps
+    serving the connections it has, and serves the waiting ones as descriptors free up
+    (libuv's answer instead is to accept and close them at once)."""
+    p = make_proxy(config(origin))
+    idle = open_descriptors(p.worker_pids()[0])
+    cfg = config(origin)
+    cfg["main"]["worker_rlimit_nofile"] = idle + 6
+    p.write_config(cfg)
+    p.reload()
+    worker = p.worker_pids()[0]
+    held = []
+    try:
+        for _ in range(12):
+            c = RawClient(p.port, timeout=20)
+            c.send(build_request("GET", "/hello"))
+            held.append(c)
+        # the first few are answered; the rest wait, connected but not accepted
+        assert held[0].read_response().body == b"hello\n"
+        wait_until(lambda: "cannot accept connections: Too many open files" in p.error_log.read_text(),
+                   10, message="the worker to report running out of descriptors")
+        answered = held[1].read_response()
+        assert answered.status == 200
+        # the clients it holds still get answers
+        assert held[0].request("GET", "/hello").body == b"hello\n"
+        time.sleep(1.2)  # two rests at least: one line per rest, not a line per try
+        rests = p.error_log.read_text().count("cannot accept connections")
+        assert 1 <= rests <= 6, rests
+        # freeing descriptors lets the waiting clients in, one by one
+        for i in range(2, len(held)):
+            held[i - 2].close()
+            r = held[i].read_response()
+            assert r.status == 200 and r.body == b"hello\n", (i, r)
+    finally:
+        for c in held:
+            c.close()
+    assert p.worker_pids() == [worker]
+    assert fetch(p.port, "GET", "/api/echo").status == 200

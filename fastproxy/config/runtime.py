@@ -65,6 +65,7 @@ class Main:
     keepalive_requests: int
     send_timeout: float
     pause_timeout: float  # longest a request may stay paused by a filter (then 504)
+    worker_rlimit_nofile: Optional[int]  # each worker's RLIMIT_NOFILE; None: inherited
     server_header: bytes  # value of the Server header we send
     pass_server_header: bool  # True: keep the upstream's Server header instead
     allow_encoded_slashes: bool  # True: %2F, %5C and a literal backslash in a path pass through (else 400)

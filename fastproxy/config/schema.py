@@ -505,6 +505,10 @@ MAIN = Section("main", "[main]", TABLE, DEFAULTS, (
     Key("pause_timeout", Duration(), "60s", "Longest a request may wait in a route's filter that paused "
         "it (a `respond` `delay`, or a filter waiting for an answer elsewhere): then it is answered 504 "
         "and the error log names the filter."),
+    Key("worker_rlimit_nofile", Integer(16), None, "Most file descriptors each worker may hold (its "
+        "`RLIMIT_NOFILE`, as nginx's `worker_rlimit_nofile`); none: what the master was started with "
+        "(the systemd unit sets 65536). Each client and each upstream connection holds one. A worker "
+        "that runs out stops accepting for 0.5 s and logs it; its open connections go on."),
     Key("server_header", String(), "fastproxy", "Value of the `Server` header of every response."),
     Key("pass_server_header", Boolean(), False, "`true`: keep the upstream's `Server` header instead of "
         "replacing it with `server_header`."),

@@ -125,6 +125,7 @@ cdef class WorkerCore:
     cdef double next_trim         # monotonic time before which the heap is not trimmed
     cdef Py_ssize_t trims
     cdef readonly tuple factories  # the protocol factory of each listener, parallel to runtime.listeners
+    cdef Poller poller  # plain client sockets and listeners (core/stream.pyx), made with the first
 
     def __init__(self, loop, runtime, route_ids, upstream_ids, server_ids, MetricsWriter metrics,
                  zones, on_drained, error_logger):
@@ -219,6 +220,18 @@ cdef class WorkerCore:
             tls = None if listener.tls is None else TlsListener(listener.tls, self.metrics)
             factories.append(Listening(self, router, tls))
         return tuple(factories)
+
+    def accept_on(self, sock, factory, int backlog):
+        """Serve a plain listener from the worker's own epoll set (core/stream.pyx); the
+        Acceptor returned stops it with close()."""
+        if self.poller is None:
+            self.poller = Poller(self, self.loop)
+        return Acceptor(self.poller, sock, factory, backlog)
+
+    cdef int report_accept_rest(self, str reason, double rest) except -1:
+        if self.error_logger is not None:
+            self.error_logger.error("cannot accept connections: %s; the listener rests %.1f s", reason, rest)
+        return 0
 
     def protocol_factory(self):
         if self.spare_clients:

@@ -12,3 +12,4 @@ cdef class Exchange
 cdef class ClientConnection
 cdef class WorkerCore
 cdef class TlsListener
+cdef class ClientSocket

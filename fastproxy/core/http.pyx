@@ -1209,7 +1209,9 @@ cdef class ClientConnection:
         self.transport = transport
         self.write_one = transport.write
         self.write_many = transport.writelines
-        if self.tls is not None:
+        if type(transport) is ClientSocket:  # core/stream.pyx: made at our limits, its address known
+            self.addr = (<ClientSocket>transport).peer_ip
+        elif self.tls is not None:
             self.tls.made(self, transport)
         else:
             if self.core.set_client_limits < 0:
@@ -1219,18 +1221,23 @@ cdef class ClientConnection:
                 self.core.set_client_limits = transport.get_write_buffer_limits()[1] != CLIENT_HIGH_WATER
             if self.core.set_client_limits:
                 transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
-        peer = transport.get_extra_info("peername")
-        self.addr = (<str>peer[0]).encode() if peer else b"-"
+        if self.addr is None:
+            peer = transport.get_extra_info("peername")
+            self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)
         self.core.metrics.connection_opened()
         self.set_timer(TIMER_IDLE, self.core.client_header_timeout)
 
     def data_received(self, bytes data):
+        self.on_data(data)
+
+    cdef int on_data(self, bytes data) except -1:
         self.core.now = monotonic()
         try:
             self.receive(data)
         except Exception as exc:
             self.internal_error(exc)
+        return 0
 
     cdef int receive(self, bytes data) except -1:
         cdef Exchange ex
@@ -1456,7 +1463,10 @@ cdef class ClientConnection:
 
     cdef int socket_fd(self) except -1:
         if self.fd == 0:
-            self.fd = self.transport.get_extra_info("socket").fileno()
+            if type(self.transport) is ClientSocket:
+                self.fd = (<ClientSocket>self.transport).fd
+            else:
+                self.fd = self.transport.get_extra_info("socket").fileno()
             self.send_capacity = socket_send_capacity(self.fd)
         return self.fd
 

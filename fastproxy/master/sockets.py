@@ -46,6 +46,8 @@ def _open(address: Address, backlog: int, reuseport: bool) -> socket.socket:
         if family == socket.AF_INET6:
             # "::" means IPv6 only; IPv4 is a separate [[listen]] (as in nginx).
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # accepted sockets inherit it: no setsockopt per connection (Linux)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
