@@ -31,6 +31,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
+        EPOLL_CTL_MOD
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
@@ -83,6 +84,7 @@ cdef enum:
     SOCKET_READ_SIZE = 256 * 1024  # as uvloop's reads: a large upload comes in few reads
     IOV_BATCH = 64
     SPARE_SOCKETS = 256
+    CLIENT_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLET
 
 # Seconds a listener rests when the worker is out of descriptors (EMFILE): nginx's
 # accept_mutex_delay. Accepting at once again would spin on the same error.
@@ -142,6 +144,14 @@ cdef class Poller:
         Py_INCREF(owner)  # the set's reference, given up in remove or socket_closed
         return 0
 
+    cdef int watch_writes(self, ClientSocket sock) except -1:
+        cdef epoll_event ev
+        ev.events = CLIENT_EVENTS | EPOLLOUT
+        ev.data.ptr = <void *>sock
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, sock.fd, &ev) < 0:
+            sock.fail(errno)
+        return 0
+
     cdef int remove(self, int fd, Pollable owner) except -1:
         cdef epoll_event ev
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
@@ -169,7 +179,9 @@ cdef class Poller:
 
     cdef int socket_closed(self, ClientSocket sock, exc) except -1:
         self.lost.append((sock, exc))
-        Py_DECREF(sock)  # the set's reference: the list holds it until connection_lost
+        if sock.registered:
+            sock.registered = False
+            Py_DECREF(sock)  # the set's reference: the list holds it until connection_lost
         self.schedule_lost()
         return 0
 
@@ -207,18 +219,28 @@ cdef class Poller:
         else:
             sock = ClientSocket(self)
         sock.reset(fd, peer)
-        err = self.add(fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, sock)
-        if err:
-            c_close(fd)
-            sock.fd = -1
-            return 0
         protocol = factory()
         sock.protocol = protocol
         try:
             protocol.connection_made(sock)
+            # The request is usually in already: read it now, and register only then, so
+            # the set does not report bytes already read (edge-triggered, it reports what
+            # is there when a socket is added) and no loop turn is spent on the way.
+            sock.read(False)
         except Exception as exc:
             self.core.report_error(exc)
             sock.abort()
+        if sock.fd < 0:
+            return 0
+        # EPOLLOUT only once the socket refuses bytes: a new socket is writable, and the set
+        # would report it so at once, to no use
+        sock.watch_out = sock.pending_size != 0
+        err = self.add(fd, CLIENT_EVENTS | (EPOLLOUT if sock.watch_out else 0), sock)
+        if err:
+            self.core.report_error(OSError(err, "epoll_ctl: " + strerror(err).decode()))
+            sock.abort()
+        else:
+            sock.registered = True
         return 0
 
 
@@ -253,6 +275,8 @@ cdef class Acceptor(Pollable):
         cdef sockaddr_storage peer
         cdef socklen_t size
         cdef int i, fd
+        # Until the queue is empty: one accept4 answered EAGAIN per wake-up is the price
+        # (docs/benchmarks.md, "Accepting in batches")
         for i in range(ACCEPT_BATCH):
             size = sizeof(peer)
             fd = accept4(self.fd, <sockaddr *>&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -309,6 +333,8 @@ cdef class ClientSocket(Pollable):
     here, in order, for the next EPOLLOUT."""
     cdef Poller poller
     cdef int fd                  # -1 once closed
+    cdef bint registered         # in the Poller's set, which then holds a reference to it
+    cdef bint watch_out          # EPOLLOUT asked for (from the first refused write on)
     cdef object protocol         # its ClientConnection
     cdef sockaddr_storage peer
     cdef bytes peer_ip
@@ -344,6 +370,7 @@ cdef class ClientSocket(Pollable):
         self.low = CLIENT_LOW_WATER
         self.reading = True
         self.read_ready = self.read_scheduled = self.closing = self.eof_pending = self.eof_sent = False
+        self.watch_out = False
         self.protocol_paused = False
         return 0
 
@@ -421,7 +448,7 @@ cdef class ClientSocket(Pollable):
             n = writev(self.fd, iov, count)
             if n < 0:
                 if errno == EAGAIN:
-                    return 0
+                    return self.wait_writable()
                 if errno != EINTR:
                     self.fail(errno)
                     return 0
@@ -524,7 +551,14 @@ cdef class ClientSocket(Pollable):
         self.pending_size += total
         if sent:
             self.consume(sent)
+        self.wait_writable()
         self.maybe_pause_protocol()
+        return 0
+
+    cdef int wait_writable(self) except -1:
+        if not self.watch_out and self.registered:
+            self.watch_out = True
+            self.poller.watch_writes(self)
         return 0
 
     cdef int maybe_pause_protocol(self) except -1:
