@@ -82,6 +82,7 @@ cdef enum:
     # multi_accept), yet a listener never holds the loop for long; the rest wait one turn.
     ACCEPT_BATCH = 64
     SOCKET_READ_SIZE = 256 * 1024  # as uvloop's reads: a large upload comes in few reads
+    READS_PER_TURN = 4
     IOV_BATCH = 64
     SPARE_SOCKETS = 256
     CLIENT_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLET
@@ -393,15 +394,21 @@ cdef class ClientSocket(Pollable):
     cdef int read(self, bint until_empty) except -1:
         """Read while reading is on and the socket has bytes. A short read means the socket
         was emptied: the next bytes raise a new edge (nginx's reasoning), unless the peer
-        has closed, whose end is then read to the last."""
+        has closed, whose end is then read to the last. A client that keeps the socket full
+        gets READS_PER_TURN reads, then waits for a later loop turn behind the others."""
         cdef ssize_t n
         cdef bytes data
+        cdef int reads = 0
         self.read_ready = False
         while True:
             if not self.reading or self.fd < 0:
                 if self.fd >= 0:
                     self.read_ready = True
                 return 0
+            if reads == READS_PER_TURN:
+                self.read_ready = True
+                return self.read_soon()
+            reads += 1
             n = recv(self.fd, self.poller.read_buffer, SOCKET_READ_SIZE, 0)
             if n > 0:
                 data = PyBytes_FromStringAndSize(self.poller.read_buffer, n)
@@ -421,6 +428,12 @@ cdef class ClientSocket(Pollable):
         self.reading = False
         if not self.protocol.eof_received():
             self.close()
+        return 0
+
+    cdef int read_soon(self) except -1:
+        if not self.read_scheduled:
+            self.read_scheduled = True
+            self.poller.loop.call_soon(self.read_later)
         return 0
 
     def read_later(self):
@@ -591,9 +604,8 @@ cdef class ClientSocket(Pollable):
         if self.reading or self.closing or self.fd < 0:
             return
         self.reading = True
-        if self.read_ready and not self.read_scheduled:
-            self.read_scheduled = True
-            self.poller.loop.call_soon(self.read_later)
+        if self.read_ready:
+            self.read_soon()
 
     def is_reading(self):
         return self.reading and self.fd >= 0
