@@ -9,10 +9,13 @@ something, and a client that stays silent is still closed by the usual rules.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
+import pytest
+
 from harness.client import RawClient, build_request, fetch
-from harness.proxy import respond, upstream, wait_until
+from harness.proxy import free_port, respond, upstream, wait_until
 
 
 def config(origin, **listen):
@@ -144,3 +147,22 @@ def test_a_worker_out_of_descriptors_rests_its_listener_and_loses_no_connection(
             c.close()
     assert p.worker_pids() == [worker]
     assert fetch(p.port, "GET", "/api/echo").status == 200
+
+
+def test_ipv6_clients_are_served_with_their_address(make_proxy, origin):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    p = make_proxy(start=False)
+    port6 = free_port()
+    p.write_config(config(origin) | {"listen": [{"address": f"127.0.0.1:{p.port}"},
+                                                 {"address": f"[::1]:{port6}"}]})
+    p.start()
+    with RawClient(port6, host="::1") as c:
+        r = c.request("GET", "/api/echo?v6")
+        assert r.status == 200 and forwarded_for(r) == "::1", r
+        assert c.request("GET", "/hello").body == b"hello\n"
+    wait_until(lambda: any(line.startswith("::1 ") and "/api/echo?v6" in line
+                           for line in p.access_log.read_text().splitlines()),
+               10, message="the access log line of the IPv6 client")
