@@ -215,12 +215,17 @@ cdef class Poller:
     cdef int open_client(self, int fd, sockaddr_storage *peer, factory) except -1:
         cdef ClientSocket sock
         cdef int err
+        try:
+            protocol = factory()
+        except Exception as exc:
+            c_close(fd)
+            self.core.report_error(exc)
+            return 0
         if self.spare:
             sock = <ClientSocket>self.spare.pop()
         else:
             sock = ClientSocket(self)
         sock.reset(fd, peer)
-        protocol = factory()
         sock.protocol = protocol
         try:
             protocol.connection_made(sock)
