@@ -282,7 +282,7 @@ cdef class Acceptor(Pollable):
         cdef socklen_t size
         cdef int i, fd
         # Until the queue is empty: one accept4 answered EAGAIN per wake-up is the price
-        # (docs/benchmarks.md, "Accepting in batches")
+        # (docs/benchmarks.md, "Accepting and client sockets of our own")
         for i in range(ACCEPT_BATCH):
             size = sizeof(peer)
             fd = accept4(self.fd, <sockaddr *>&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -442,8 +442,8 @@ cdef class ClientSocket(Pollable):
         return 0
 
     def read_later(self):
-        """resume_reading found readiness it left unread: read it from the loop (unless
-        paused again meanwhile: the next resume_reading comes back here)."""
+        """Readiness left unread (seen while paused, or after READS_PER_TURN reads): read
+        it from the loop, unless paused again meanwhile (resume_reading comes back here)."""
         self.read_scheduled = False
         if self.fd >= 0 and self.reading and self.read_ready:
             self.read(True)
