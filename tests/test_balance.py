@@ -116,8 +116,11 @@ def test_fewer_to_a_slow_server(make_proxy, make_origin, balance):
     p = make_proxy(proxy_config(upstream(*origins, balance=balance)))
     counts = Counter(run_clients(p.port, 12, 40))
     workers_seen = {o.name: o.connections for o in origins}
-    # round-robin would give each a third (160); held 200 ms, the slow one gets far fewer
-    assert counts["a"] * 3 < min(counts["b"], counts["c"]), (counts, workers_seen)
+    # Round-robin would give each a third (160); held 200 ms, the slow one gets far fewer.
+    # random_two still sends it what the pairs without a busy choice give it: 44-76 of the
+    # 480 over 17 runs (least_conn: 5-17), so its bound is a half of the others', not a third.
+    factor = 3 if balance == "least_conn" else 2
+    assert counts["a"] * factor < min(counts["b"], counts["c"]), (counts, workers_seen)
 
 
 def map_keys(client, keys):
