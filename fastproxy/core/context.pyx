@@ -88,7 +88,6 @@ cdef class WorkerCore:
     cdef AccessLog access_log
     cdef set clients
     cdef list spare_clients  # ClientConnection objects ready for the next connections
-    cdef int set_client_limits  # client transports need their write limits set; -1: not known yet
     cdef RequestIds ids
     cdef ByteWriter head_writer  # every message head is built in it, then taken as bytes
     cdef ResponseHead head_edits  # what response_head hooks edit: one, reused for every response
@@ -140,7 +139,6 @@ cdef class WorkerCore:
         self.error_logger = error_logger
         self.clients = set()
         self.spare_clients = []
-        self.set_client_limits = -1
         self.ids = RequestIds()
         self.head_writer = ByteWriter(4096)
         self.head_edits = ResponseHead()

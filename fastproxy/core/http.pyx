@@ -1122,6 +1122,7 @@ cdef inline bint fits(list pieces, Py_ssize_t limit):
 cdef class ClientConnection:
     cdef WorkerCore core
     cdef object transport
+    cdef ClientSocket sock       # the transport, on a plain listener: written to without Python calls
     cdef object parser
     # bound methods looked up once per connection instead of once per call
     cdef object feed, get_method, should_keep_alive, write_one, write_many
@@ -1176,6 +1177,7 @@ cdef class ClientConnection:
         """Back to the state of a new object, keeping the parser (reset) and its bound methods."""
         llhttp_reset(llhttp_state(self.parser))
         self.transport = self.write_one = self.write_many = None
+        self.sock = None
         self.addr = None
         self.current = self.parsing = None
         self.queue = self.out = self.tunnel_pending = None
@@ -1210,18 +1212,10 @@ cdef class ClientConnection:
         self.write_one = transport.write
         self.write_many = transport.writelines
         if type(transport) is ClientSocket:  # core/stream.pyx: made at our limits, its address known
-            self.addr = (<ClientSocket>transport).peer_ip
-        elif self.tls is not None:
+            self.sock = <ClientSocket>transport
+            self.addr = self.sock.peer_ip
+        else:  # a TLS listener's, on uvloop
             self.tls.made(self, transport)
-        else:
-            if self.core.set_client_limits < 0:
-                # uvloop starts a transport at our high-water mark (64 KiB), and its low-water
-                # mark is read only once writing has paused, where pause_writing sets ours: the
-                # first plain connection tells whether every transport must be told at once
-                self.core.set_client_limits = transport.get_write_buffer_limits()[1] != CLIENT_HIGH_WATER
-            if self.core.set_client_limits:
-                transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)
-        if self.addr is None:
             peer = transport.get_extra_info("peername")
             self.addr = (<str>peer[0]).encode() if peer else b"-"
         self.core.clients.add(self)
@@ -1296,6 +1290,7 @@ cdef class ClientConnection:
         # the parser and the transport's bound methods refer back to us: break the cycles
         self.parser = self.feed = self.get_method = self.should_keep_alive = None
         self.write_one = self.write_many = None
+        self.sock = None
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -1322,8 +1317,6 @@ cdef class ClientConnection:
         self.core.now = monotonic()
         cdef UpstreamConnection source = self.feeding()
         self.write_paused = True
-        if not self.file_limits:  # they would make the rest of a file go by read and write
-            self.transport.set_write_buffer_limits(CLIENT_HIGH_WATER, CLIENT_LOW_WATER)  # see connection_made
         if source is not None:
             source.pause()
         self.set_timer(TIMER_SEND, self.core.send_timeout)
@@ -1495,7 +1488,9 @@ cdef class ClientConnection:
         if out is None or self.write_one is None:  # nothing to write, or the connection is gone
             return 0
         self.out = None
-        if len(out) == 1:
+        if self.sock is not None:
+            self.sock.send_list(out)
+        elif len(out) == 1:
             self.write_one(<bytes>out[0])
         elif fits(out, COALESCE_LIMIT):
             # small pieces: one copy costs less than the event loop's writev path

@@ -504,24 +504,26 @@ cdef class ClientSocket(Pollable):
         self.send_bytes(data if type(data) is bytes else bytes(data))
 
     def writelines(self, lines):
+        self.send_list([p if type(p) is bytes else bytes(p) for p in lines])
+
+    cdef int send_list(self, list pieces) except -1:
+        """Write bytes objects in order, with one writev: ClientConnection.flush calls it
+        directly, with no Python-level call and no copy into one buffer."""
         cdef iovec iov[IOV_BATCH]
-        cdef list pieces = [p if type(p) is bytes else bytes(p) for p in lines]
         cdef int count = PyList_GET_SIZE(pieces), i
         cdef Py_ssize_t total = 0
         cdef ssize_t n
         cdef bytes piece
         if self.fd < 0 or self.eof_sent or self.eof_pending or count == 0:
-            return
+            return 0
         if self.pending_size:
-            self.queue(pieces, 0)
-            return
+            return self.queue(pieces, 0)
         if count > IOV_BATCH:  # written IOV_BATCH at a time, as pending bytes are
             self.pending.extend(pieces)
             for piece in pieces:
-                self.pending_size += PyBytes_GET_SIZE(<bytes>piece)
+                self.pending_size += PyBytes_GET_SIZE(piece)
             self.send_pending()
-            self.maybe_pause_protocol()
-            return
+            return self.maybe_pause_protocol()
         for i in range(count):
             piece = <bytes>PyList_GET_ITEM(pieces, i)
             iov[i].iov_base = PyBytes_AS_STRING(piece)
@@ -529,13 +531,12 @@ cdef class ClientSocket(Pollable):
             total += iov[i].iov_len
         n = writev(self.fd, iov, count)
         if n == total:
-            return
+            return 0
         if n < 0:
             if errno != EAGAIN and errno != EINTR:
-                self.fail(errno)
-                return
+                return self.fail(errno)
             n = 0
-        self.queue(pieces, n)
+        return self.queue(pieces, n)
 
     cdef int send_bytes(self, bytes data) except -1:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
