@@ -284,7 +284,8 @@ cdef class Balancer:
             h = ex.balance_key(self.key_kind, self.key_name)
         for attempt in range(4):  # a lost race for a probe or a last connection: look again
             busy = False
-            for level in (0, LEVEL_BACKUP, LEVEL_TRIED, LEVEL_TRIED | LEVEL_BACKUP):
+            # 0, LEVEL_BACKUP, LEVEL_TRIED, LEVEL_TRIED | LEVEL_BACKUP: a C loop, not a tuple
+            for level in range((LEVEL_TRIED | LEVEL_BACKUP) + 1):
                 position = self.choose(level, skip if level & LEVEL_TRIED else ex.tried | skip,
                                        h, now, &busy)
                 if position >= 0:

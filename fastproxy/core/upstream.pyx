@@ -303,10 +303,6 @@ cdef class UpstreamPool:
         metrics and its passive health."""
         return self.balancer.failure(server, kind)
 
-    cdef int note_success(self, int server) except -1:
-        """Server `server` gave a complete response."""
-        return self.balancer.success(server)
-
     cdef inline int response_done(self, int server, int status, double seconds) except -1:
         """A complete response of `status` from `server`, `seconds` after its exchange was
         attached: its response time, and a success, or a failure for a fail_status status."""
