@@ -12,7 +12,7 @@ not reading the previous ones, and a request head may not exceed MAX_HEAD_SIZE.
 
 Worker call sequence::
 
-    admin = await start_admin(loop, admin_sock, region, reader.configured_servers(runtime, server_ids))
+    admin = await start_admin(loop, admin_sock, region, reader.configured_servers(runtime))
     admin.close()                                          # when the worker drains or stops
 """
 from __future__ import annotations

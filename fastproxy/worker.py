@@ -99,7 +99,7 @@ class Worker:
         if ctx.admin_socket is not None:
             self.admin = self.loop.run_until_complete(
                 start_admin(self.loop, ctx.admin_socket, ctx.metrics,
-                            configured_servers(runtime, ctx.server_ids)))
+                            configured_servers(runtime)))
         self.loop.add_signal_handler(signal.SIGQUIT, self.drain)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.loop.add_signal_handler(signal.SIGINT, self.stop)

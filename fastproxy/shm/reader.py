@@ -31,15 +31,14 @@ class ConfiguredServer(NamedTuple):
     upstream: str
     checked: bool  # the upstream has [upstreams.NAME.health]
     server: object  # config.runtime.Server
-    index: int  # its server index in the zone
+    key: str  # its name in the zone (Upstream.server_key)
 
 
-def configured_servers(runtime, server_ids: Sequence[Sequence[int]]) -> Tuple[ConfiguredServer, ...]:
-    """The servers of a worker's runtime with their zone indexes (server_ids parallel to
-    runtime.upstreams), in config order."""
-    return tuple(ConfiguredServer(upstream.name, upstream.health is not None, server, index)
-                 for upstream, ids in zip(runtime.upstreams, server_ids)
-                 for server, index in zip(upstream.servers, ids))
+def configured_servers(runtime) -> Tuple[ConfiguredServer, ...]:
+    """The servers of a worker's runtime with their names in the zone, in config order."""
+    return tuple(ConfiguredServer(upstream.name, upstream.health is not None, server,
+                                  upstream.server_key(server))
+                 for upstream in runtime.upstreams for server in upstream.servers)
 
 
 def server_state(configured: ConfiguredServer, state: dict, now_us: int) -> Tuple[str, str, float]:
@@ -83,11 +82,10 @@ def upstreams_status(zone, servers: Sequence[ConfiguredServer]) -> Dict[str, dic
     out: Dict[str, dict] = {}
     configured = set()
     for c in servers:
-        key = f"{c.upstream}/{c.server.address}"
-        configured.add(key)
-        if key not in by_key:
+        configured.add(c.key)
+        if c.key not in by_key:
             continue  # registered after this worker's generation: not ours to show
-        counters, state = by_key[key]
+        counters, state = by_key[c.key]
         name, cause, weight = server_state(c, state, now_us)
         entry = {"address": str(c.server.address), "name": c.server.name, "state": name}
         if cause is not None:
@@ -105,11 +103,17 @@ def upstreams_status(zone, servers: Sequence[ConfiguredServer]) -> Dict[str, dic
     return out
 
 
+def _active(state: dict) -> int:
+    """Connections in use; a count left "below zero" by a killed worker reads 0 (see
+    MetricsWriter.server_active)."""
+    active = state["active"]
+    return 0 if active > 1 << 63 else active
+
+
 def _server_numbers(counters: tuple, state: dict) -> dict:
     requests, failures, _, _, _ = counters
-    active = state["active"]
-    return {"active": 0 if active > 1 << 63 else active,  # "below zero": see MetricsWriter
-            "requests": requests, "failures": dict(zip(L.UPSTREAM_ERROR_KINDS, failures))}
+    return {"active": _active(state), "requests": requests,
+            "failures": dict(zip(L.UPSTREAM_ERROR_KINDS, failures))}
 
 
 def status(zone, servers: Sequence[ConfiguredServer] = ()) -> dict:
@@ -248,10 +252,9 @@ def _render_servers(out: List[str], family, zone, servers: Sequence[ConfiguredSe
             out.append(f'fastproxy_upstream_server_failures_total{{{labels},kind="{kind}"}} {count}\n')
     family("fastproxy_upstream_server_active", "gauge", "Connections in use to a server, across workers.")
     for labels, _, state in entries:
-        active = state["active"]
         if labels.startswith(f'upstream="{L.RETIRED_NAME}"'):
             continue  # counts folded from reclaimed names; no connections
-        out.append(f"fastproxy_upstream_server_active{{{labels}}} {0 if active > 1 << 63 else active}\n")
+        out.append(f"fastproxy_upstream_server_active{{{labels}}} {_active(state)}\n")
     family("fastproxy_upstream_server_response_seconds", "histogram",
            "Time from a request sent to a server to the end of its response.")
     for labels, (_, _, _, buckets, sum_us), _ in entries:
@@ -260,7 +263,7 @@ def _render_servers(out: List[str], family, zone, servers: Sequence[ConfiguredSe
            "1 while a configured server may take requests (up, backup or unknown), 0 while it is down.")
     now_us = int(time.monotonic() * 1e6)
     for c in servers:
-        state = states.get(f"{c.upstream}/{c.server.address}")
+        state = states.get(c.key)
         if state is not None:
             up = server_state(c, state, now_us)[0] not in ("down", "draining")
             out.append(f'fastproxy_upstream_server_up{{upstream="{_label(c.upstream)}",'
