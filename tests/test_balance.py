@@ -99,14 +99,15 @@ def test_weights_5_3_2_across_workers_and_runs(make_proxy, make_origin):
         assert abs(counts[name] / 10000 - weight / 10) <= 0.02, counts
     # both workers served a share of them
     assert all(o.connections >= 2 for o in origins), [o.connections for o in origins]
-    # one connection alone on its worker: smooth, the heaviest never more than 5 in a row
+    # one connection alone on its worker: smooth (a b c a a b a c b a), the heaviest never
+    # more than 2 in a row, where plain weighted round-robin would send 5 (a a a a a b b b c c)
     with RawClient(p.port) as c:
         order = [c.request("GET", "/echo").header("x-origin") for _ in range(200)]
     run = longest = 0
     for name in order:
         run = run + 1 if name == "a" else 0
         longest = max(longest, run)
-    assert longest <= 5 and Counter(order)["a"] >= 90, order
+    assert longest <= 2 and Counter(order)["a"] >= 90, order
 
 
 @pytest.mark.parametrize("balance", ["least_conn", "random_two"])
