@@ -191,6 +191,14 @@ def test_ip_hash_keeps_a_network_on_one_server(make_proxy, make_origin):
             with RawClient(p.port, source=source) as c:
                 seen.add(c.request("GET", "/echo").header("x-origin"))
     assert len(seen) == 1, seen
+    # and networks are spread: 30 /24s of 127/8, each on one server, not all on the same one
+    by_network = {}
+    for n in range(1, 31):
+        for host in (1, 200):
+            with RawClient(p.port, source=f"127.{n}.0.{host}") as c:
+                by_network.setdefault(n, set()).add(c.request("GET", "/echo").header("x-origin"))
+    assert all(len(s) == 1 for s in by_network.values()), by_network
+    assert len(set().union(*by_network.values())) == 3, by_network
 
 
 def hold_counting(origin, seconds):
